@@ -1,0 +1,38 @@
+# carrecog: `make run` and `make test` do all the set-up on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+STUBS := carrecog/v1/recognition_service_pb2.py
+PROTOS := $(wildcard protos/carrecog/v1/*.proto)
+IMAGES ?=
+
+.PHONY: venv protos run test test-slow lint-protos evaluate clean
+
+venv: $(STAMP)
+$(STAMP): requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -r requirements.txt
+	touch $(STAMP)
+
+# Stubs are generated from protos/ at build time, never committed.
+protos: $(STUBS)
+$(STUBS): $(PROTOS) $(STAMP)
+	$(PY) -m grpc_tools.protoc -I protos --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)
+	touch $@
+
+run: protos
+	$(PY) -m scripts.run_stack $(IMAGES)
+
+test: protos
+	$(PY) -m pytest -q
+
+test-slow: protos
+	$(PY) -m pytest -q -m slow
+
+lint-protos:
+	npx --yes @bufbuild/buf@1.47.2 lint protos
+
+clean:
+	rm -rf carrecog .pytest_cache

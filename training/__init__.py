@@ -1,0 +1,1 @@
+"""Training, evaluation and SavedModel export of the carrecog classifiers."""
