@@ -1,0 +1,207 @@
+"""One small bootstrap for every carrecog gRPC server.
+
+It gives each service what a service mesh expects: grpc.health.v1 (NOT_SERVING
+until the service says it has warmed up), optional reflection, keepalive, an
+explicit max message size, a concurrency limit (excess calls get
+RESOURCE_EXHAUSTED from grpc itself), optional TLS / mTLS, the request-id and
+access-log interceptor, and graceful shutdown on SIGTERM / SIGINT.
+
+Usage (inside an asyncio program):
+
+    settings = ServerSettings.from_args(args)           # see add_server_arguments
+    server = GrpcServer("logo", settings, [SERVICE_FULL_NAME])
+    add_LogoServiceServicer_to_server(servicer, server.server)
+    await server.start()
+    ... warm up ...
+    await server.set_serving(True)
+    await server.wait_for_shutdown()
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from common.interceptors import RequestContextInterceptor
+from common.logs import log_event
+
+logger = logging.getLogger("carrecog.server")
+
+MIB = 1024 * 1024
+
+
+def env(name: str, default: str | None = None) -> str | None:
+    value = os.environ.get(name)
+    return value if value not in (None, "") else default
+
+
+def env_bool(name: str, default: bool = False) -> bool:
+    value = env(name)
+    return default if value is None else value.lower() in ("1", "true", "yes", "on")
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Transport settings shared by every service; read once at start."""
+
+    host: str = "0.0.0.0"
+    port: int = 0
+    max_message_bytes: int = 32 * MIB
+    max_concurrent_rpcs: int = 64
+    reflection: bool = False
+    grace_seconds: float = 10.0
+    keepalive_time_ms: int = 30_000
+    keepalive_timeout_ms: int = 10_000
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    tls_client_ca_file: str | None = None  # set: clients must present a cert (mTLS)
+    port_file: str | None = None  # where the bound port is written (tests use port 0)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "ServerSettings":
+        return cls(
+            host=args.host,
+            port=args.port,
+            max_message_bytes=int(args.max_message_mb * MIB),
+            max_concurrent_rpcs=args.max_concurrent_rpcs,
+            reflection=args.reflection,
+            grace_seconds=args.grace_seconds,
+            tls_cert_file=args.tls_cert,
+            tls_key_file=args.tls_key,
+            tls_client_ca_file=args.tls_client_ca,
+            port_file=args.port_file,
+        )
+
+
+def add_server_arguments(parser: argparse.ArgumentParser, prefix: str, default_port: int) -> None:
+    """Flags for ServerSettings; each defaults to the env var <PREFIX>_<NAME>."""
+    p = prefix.upper()
+    parser.add_argument("--host", default=env(f"{p}_HOST", "0.0.0.0"), help=f"bind address (${p}_HOST)")
+    parser.add_argument("--port", type=int, default=int(env(f"{p}_PORT", str(default_port))),
+                        help=f"gRPC port, 0 = any free port (${p}_PORT)")
+    parser.add_argument("--max-message-mb", type=float, default=float(env(f"{p}_MAX_MESSAGE_MB", "32")),
+                        help=f"max request/response size in MiB (${p}_MAX_MESSAGE_MB)")
+    parser.add_argument("--max-concurrent-rpcs", type=int, default=int(env(f"{p}_MAX_CONCURRENT_RPCS", "64")),
+                        help=f"calls beyond this get RESOURCE_EXHAUSTED (${p}_MAX_CONCURRENT_RPCS)")
+    parser.add_argument("--reflection", action="store_true", default=env_bool(f"{p}_REFLECTION"),
+                        help=f"enable gRPC server reflection (${p}_REFLECTION=1)")
+    parser.add_argument("--grace-seconds", type=float, default=float(env(f"{p}_GRACE_SECONDS", "10")),
+                        help=f"how long in-flight calls may finish after SIGTERM (${p}_GRACE_SECONDS)")
+    parser.add_argument("--tls-cert", default=env(f"{p}_TLS_CERT"), help=f"server certificate PEM (${p}_TLS_CERT)")
+    parser.add_argument("--tls-key", default=env(f"{p}_TLS_KEY"), help=f"server private key PEM (${p}_TLS_KEY)")
+    parser.add_argument("--tls-client-ca", default=env(f"{p}_TLS_CLIENT_CA"),
+                        help=f"CA PEM that client certificates must chain to: enables mTLS (${p}_TLS_CLIENT_CA)")
+    parser.add_argument("--port-file", default=env(f"{p}_PORT_FILE"),
+                        help="write the bound port to this file once listening")
+    parser.add_argument("--log-level", default=env(f"{p}_LOG_LEVEL", "INFO"))
+
+
+def server_credentials(settings: ServerSettings) -> grpc.ServerCredentials | None:
+    """TLS credentials when a certificate is configured, else None (plaintext)."""
+    if not settings.tls_cert_file and not settings.tls_key_file:
+        if settings.tls_client_ca_file:
+            raise ValueError("a client CA (mTLS) needs a server certificate and key too")
+        return None
+    if not (settings.tls_cert_file and settings.tls_key_file):
+        raise ValueError("TLS needs both a certificate and a key file")
+    cert = Path(settings.tls_cert_file).read_bytes()
+    key = Path(settings.tls_key_file).read_bytes()
+    client_ca = Path(settings.tls_client_ca_file).read_bytes() if settings.tls_client_ca_file else None
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    """Channel/server options both sides agree on: message size and keepalive."""
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
+class GrpcServer:
+    """A grpc.aio server with health, reflection, limits and graceful shutdown."""
+
+    def __init__(self, name: str, settings: ServerSettings, service_names: Sequence[str],
+                 interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> None:
+        self.name = name
+        self.settings = settings
+        self.service_names = list(service_names)
+        options = channel_options(settings.max_message_bytes) + [
+            ("grpc.keepalive_time_ms", settings.keepalive_time_ms),
+            ("grpc.keepalive_timeout_ms", settings.keepalive_timeout_ms),
+            ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+            ("grpc.so_reuseport", 0),
+        ]
+        self.server = grpc.aio.server(
+            interceptors=[RequestContextInterceptor(), *interceptors],
+            options=options,
+            maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+        )
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.port = 0
+        self._stopping = asyncio.Event()
+
+    async def start(self) -> int:
+        """Bind, start serving (health NOT_SERVING), write the port file; returns the port."""
+        if self.settings.reflection:
+            reflection.enable_server_reflection(
+                [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
+            )
+        address = f"{self.settings.host}:{self.settings.port}"
+        credentials = server_credentials(self.settings)
+        if credentials is None:
+            self.port = self.server.add_insecure_port(address)
+        else:
+            self.port = self.server.add_secure_port(address, credentials)
+        await self.set_serving(False)
+        await self.server.start()
+        if self.settings.port_file:
+            tmp = Path(self.settings.port_file + ".tmp")
+            tmp.write_text(str(self.port))
+            tmp.replace(self.settings.port_file)  # atomic: readers never see a half-written file
+        log_event(logger, "listening", port=self.port, tls=credentials is not None,
+                  mtls=bool(self.settings.tls_client_ca_file), reflection=self.settings.reflection)
+        return self.port
+
+    async def set_serving(self, serving: bool) -> None:
+        """Health status for the whole server ("") and each named service."""
+        status = (health_pb2.HealthCheckResponse.SERVING if serving
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        for service in ("", *self.service_names):
+            await self.health.set(service, status)
+
+    def request_shutdown(self) -> None:
+        self._stopping.set()
+
+    async def wait_for_shutdown(self) -> None:
+        """Serve until SIGTERM/SIGINT, then drain: NOT_SERVING, refuse new calls, let in-flight ones finish."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_shutdown)
+        stop_task = asyncio.create_task(self._stopping.wait())
+        done_task = asyncio.create_task(self.server.wait_for_termination())
+        await asyncio.wait({stop_task, done_task}, return_when=asyncio.FIRST_COMPLETED)
+        if self._stopping.is_set():
+            log_event(logger, "shutting down", grace_seconds=self.settings.grace_seconds)
+            # Tell load balancers first, so they stop sending before we stop accepting.
+            await self.health.enter_graceful_shutdown()
+            await self.server.stop(self.settings.grace_seconds)
+        for task in (stop_task, done_task):
+            task.cancel()
+        log_event(logger, "stopped")
