@@ -1,0 +1,1 @@
+"""carrecog command-line client."""

@@ -1,0 +1,105 @@
+"""python -m client IMAGE_OR_FOLDER... : recognise photos with a running router.
+
+Prints one JSON object per image (image, make, model, year, label, confidence,
+route, top_k, ...) on stdout; a failed image prints {"image", "error"} and the
+command exits 1 after the others are done.
+
+    python -m client --address localhost:50050 car.jpg photos/
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Iterable, TextIO
+
+import grpc
+
+from carrecog.v1 import recognition_service_pb2 as pb
+from carrecog.v1 import recognition_service_pb2_grpc as pb_grpc
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
+
+
+def expand(paths: Iterable[str]) -> list[Path]:
+    """Files as given; folders expand to their JPEG/PNG files, sorted."""
+    found: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found.extend(sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES))
+        else:
+            found.append(path)
+    return found
+
+
+def to_json(image: Path, response: pb.RecognizeResponse) -> dict:
+    return {
+        "image": str(image),
+        "make": response.make,
+        "model": response.model,
+        "year": response.year,
+        "label": response.label,
+        "confidence": round(response.confidence, 4),
+        "route": pb.Route.Name(response.route).removeprefix("ROUTE_").lower(),
+        "route_detail": response.route_detail,
+        "model_name": response.model_name,
+        "model_version": response.model_version,
+        "logo": ({"brand": response.logo.brand, "inliers": response.logo.inliers, "matched": response.logo_matched}
+                 if response.logo.brand else None),
+        "top_k": [{"label": p.label, "confidence": round(p.confidence, 4)} for p in response.top_k],
+        "ms": {t.stage: round(t.ms, 1) for t in response.timings},
+    }
+
+
+def channel_for(address: str, ca_file: str | None, cert_file: str | None, key_file: str | None) -> grpc.Channel:
+    options = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
+    if not ca_file:
+        return grpc.insecure_channel(address, options=options)
+    credentials = grpc.ssl_channel_credentials(
+        Path(ca_file).read_bytes(),
+        Path(key_file).read_bytes() if key_file else None,
+        Path(cert_file).read_bytes() if cert_file else None)
+    return grpc.secure_channel(address, credentials, options=options)
+
+
+def main(argv: list[str] | None = None, out: TextIO = sys.stdout) -> int:
+    parser = argparse.ArgumentParser(prog="python -m client", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("images", nargs="+", help="image files or folders")
+    parser.add_argument("--address", default=os.environ.get("ROUTER_ADDRESS", "localhost:50050"),
+                        help="router host:port ($ROUTER_ADDRESS)")
+    parser.add_argument("--top-k", type=int, default=5)
+    parser.add_argument("--skip-logo", action="store_true", help="go straight to the global model")
+    parser.add_argument("--model", default="", help="force a TF Serving model by name")
+    parser.add_argument("--timeout", type=float, default=30.0, help="deadline per image in seconds")
+    parser.add_argument("--ca", default=os.environ.get("ROUTER_TLS_CA"), help="CA PEM: use TLS ($ROUTER_TLS_CA)")
+    parser.add_argument("--cert", default=os.environ.get("ROUTER_TLS_CLIENT_CERT"), help="client cert for mTLS")
+    parser.add_argument("--key", default=os.environ.get("ROUTER_TLS_CLIENT_KEY"), help="client key for mTLS")
+    args = parser.parse_args(argv)
+
+    images = expand(args.images)
+    if not images:
+        parser.error("no JPEG or PNG files found in the given paths")
+    failures = 0
+    with channel_for(args.address, args.ca, args.cert, args.key) as channel:
+        stub = pb_grpc.RecognitionServiceStub(channel)
+        options = pb.RecognizeOptions(top_k=args.top_k, skip_logo=args.skip_logo, force_model=args.model)
+        for image in images:
+            try:
+                request = pb.RecognizeRequest(image=image.read_bytes(), image_id=str(image), options=options)
+                line = to_json(image, stub.Recognize(request, timeout=args.timeout))
+            except OSError as exc:
+                failures += 1
+                line = {"image": str(image), "error": {"code": "FILE_ERROR", "message": str(exc)}}
+            except grpc.RpcError as exc:
+                failures += 1
+                line = {"image": str(image), "error": {"code": exc.code().name, "message": exc.details()}}
+            print(json.dumps(line), file=out, flush=True)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

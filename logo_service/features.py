@@ -1,0 +1,81 @@
+"""SIFT keypoints for the logo gallery and for query photos, computed one way.
+
+The gallery and the query side must see images the same way (grey levels,
+size limit, SIFT settings), otherwise descriptors drift apart; so both call
+`sift_features` from here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+# Query photos larger than this (longer side, px) are shrunk before SIFT: the
+# shared photos are <= 400 px, so 640 keeps them untouched while a 12 MP phone
+# photo costs ~10x less. SIFT is scale invariant, so emblems still match.
+MAX_SIDE = 640
+
+
+@dataclass(frozen=True)
+class Features:
+    """Keypoints of one image: xy in the ORIGINAL image's pixels, descriptors float32."""
+
+    xy: np.ndarray  # (n, 2) float32
+    descriptors: np.ndarray  # (n, 128) float32
+    scale: float  # processed size / original size (<= 1)
+    width: int  # original width
+    height: int  # original height
+
+
+_SIFT: cv2.SIFT | None = None
+
+
+def _sift() -> cv2.SIFT:
+    # One detector per process; cv2.SIFT objects are safe to share for
+    # detectAndCompute calls (no state is kept between images).
+    global _SIFT
+    if _SIFT is None:
+        _SIFT = cv2.SIFT_create()
+    return _SIFT
+
+
+def decode_gray(data: bytes) -> np.ndarray | None:
+    """Encoded bytes -> 8-bit grey image, or None when OpenCV cannot decode them."""
+    buf = np.frombuffer(data, dtype=np.uint8)
+    return cv2.imdecode(buf, cv2.IMREAD_GRAYSCALE) if buf.size else None
+
+
+def logo_gray(path: str, canvas: int = 400) -> np.ndarray:
+    """Logo artwork (often a transparent PNG) flattened onto white, longer side = canvas.
+
+    Transparent pixels would otherwise turn black and blend into dark logos.
+    """
+    img = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+    if img is None:
+        raise ValueError(f"cannot read logo image {path}")
+    if img.ndim == 2:
+        gray = img
+    elif img.shape[2] == 4:
+        alpha = img[:, :, 3:4].astype(np.float32) / 255.0
+        rgb = img[:, :, :3].astype(np.float32) * alpha + 255.0 * (1.0 - alpha)
+        gray = cv2.cvtColor(rgb.astype(np.uint8), cv2.COLOR_BGR2GRAY)
+    else:
+        gray = cv2.cvtColor(img[:, :, :3], cv2.COLOR_BGR2GRAY)
+    # Pad so SIFT finds corners at the artwork's border too.
+    gray = cv2.copyMakeBorder(gray, 16, 16, 16, 16, cv2.BORDER_CONSTANT, value=255)
+    s = canvas / max(gray.shape)
+    return cv2.resize(gray, None, fx=s, fy=s, interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_CUBIC)
+
+
+def sift_features(gray: np.ndarray, max_side: int = MAX_SIDE) -> Features:
+    """SIFT on a grey image, shrunk to max_side first; xy mapped back to original pixels."""
+    h, w = gray.shape[:2]
+    scale = min(1.0, max_side / max(h, w))
+    work = gray if scale == 1.0 else cv2.resize(gray, (max(1, round(w * scale)), max(1, round(h * scale))),
+                                                interpolation=cv2.INTER_AREA)
+    keypoints, desc = _sift().detectAndCompute(work, None)
+    if desc is None or not keypoints:
+        return Features(np.zeros((0, 2), np.float32), np.zeros((0, 128), np.float32), scale, w, h)
+    xy = np.array([kp.pt for kp in keypoints], dtype=np.float32) / scale
+    return Features(xy, desc.astype(np.float32, copy=False), scale, w, h)

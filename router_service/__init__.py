@@ -1,0 +1,1 @@
+"""The recognition service: logo gate, routing, TF Serving client, fallbacks."""

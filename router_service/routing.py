@@ -1,0 +1,211 @@
+"""One recognition: logo gate, route, predict, explain.
+
+This is the router's whole decision, kept apart from gRPC server plumbing so
+`make evaluate` scores the pipeline through exactly this code.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+
+from carrecog.v1 import logo_service_pb2, logo_service_pb2_grpc
+from carrecog.v1 import recognition_service_pb2 as pb
+from common.channels import outgoing_metadata
+from common.images import InvalidImage, validate_image
+from common.logs import REQUEST_ID, log_event
+from router_service.catalog import ModelCatalog
+from router_service.tf_serving import ModelInfo, Prediction, TfServingClient
+
+logger = logging.getLogger("carrecog.router")
+DEFAULT_TOP_K = 5
+MAX_TOP_K = 50
+
+
+class RecognitionError(Exception):
+    """A failure the client should see as a gRPC status."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class RoutingSettings:
+    logo_timeout_s: float = 1.0
+    predict_timeout_s: float = 10.0
+    max_image_bytes: int = 20 * 1024 * 1024
+
+
+class Recognizer:
+    def __init__(self, catalog: ModelCatalog, tf_serving: TfServingClient,
+                 logo: logo_service_pb2_grpc.LogoServiceStub | None, settings: RoutingSettings) -> None:
+        self.catalog = catalog
+        self.tf_serving = tf_serving
+        self.logo = logo
+        self.settings = settings
+
+    async def recognize(self, request: pb.RecognizeRequest, time_left: float | None = None) -> pb.RecognizeResponse:
+        """Recognise one image; raises RecognitionError with a status a client can act on."""
+        started = time.perf_counter()
+        deadline = None if time_left is None else started + time_left
+        response = pb.RecognizeResponse(image_id=request.image_id, request_id=REQUEST_ID.get())
+        try:
+            validate_image(request.image, max_bytes=self.settings.max_image_bytes)
+        except InvalidImage as exc:
+            raise RecognitionError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        options = request.options
+        top_k = options.top_k or DEFAULT_TOP_K
+        if not 0 < top_k <= MAX_TOP_K:
+            raise RecognitionError(grpc.StatusCode.INVALID_ARGUMENT,
+                                   f"top_k must be between 1 and {MAX_TOP_K}, got {options.top_k}")
+
+        model, route_set = None, False
+        if options.force_model:
+            model = self.catalog.find(options.force_model)
+            if model is None:
+                raise RecognitionError(grpc.StatusCode.INVALID_ARGUMENT,
+                                       f"unknown model {options.force_model!r}; served: {sorted(self.catalog.models)}")
+            response.route = pb.ROUTE_FORCED_MODEL
+            response.route_detail = f"model {model.name} forced by the caller"
+            route_set = True
+        elif options.skip_logo or self.logo is None:
+            response.route = pb.ROUTE_GLOBAL_MODEL
+            response.route_detail = ("logo stage skipped by the caller" if options.skip_logo
+                                      else "no logo service configured") + " -> global model"
+            route_set = True
+        else:
+            model = await self._logo_stage(request.image, response, deadline)
+            route_set = response.route != pb.ROUTE_UNSPECIFIED
+
+        if model is not None and model is not self.catalog.global_model and not model.available:
+            if response.route == pb.ROUTE_FORCED_MODEL:
+                raise RecognitionError(grpc.StatusCode.UNAVAILABLE,
+                                       f"model {model.name!r} is not being served ({model.error})")
+            self._fall_back(response, pb.FALLBACK_REASON_BRAND_MODEL_NOT_FOUND,
+                            f"brand model {model.name!r} is not served ({model.error})")
+            model = None
+        if model is None:
+            model = self.catalog.global_model
+            if not route_set:
+                response.route = pb.ROUTE_GLOBAL_MODEL
+
+        prediction = await self._predict(model, request.image, response, deadline)
+        if prediction is None:  # the brand model failed while being called: answer with the global model
+            model = self.catalog.global_model
+            prediction = await self._predict(model, request.image, response, deadline)
+            assert prediction is not None
+        self._fill_prediction(response, model, prediction, top_k)
+        response.timings.add(stage="total", ms=_ms_since(started))
+        return response
+
+    async def _logo_stage(self, image: bytes, response: pb.RecognizeResponse, deadline: float | None) -> ModelInfo | None:
+        """Ask the logo service; returns the brand model to use, or None for the global model."""
+        response.logo_consulted = True
+        started = time.perf_counter()
+        timeout = _timeout(self.settings.logo_timeout_s, deadline)
+        try:
+            match = await self.logo.MatchLogo(logo_service_pb2.MatchLogoRequest(image=image),
+                                              timeout=timeout, metadata=outgoing_metadata())
+        except grpc.aio.AioRpcError as exc:
+            response.timings.add(stage="logo", ms=_ms_since(started))
+            code = exc.code()
+            if code == grpc.StatusCode.INVALID_ARGUMENT:
+                raise RecognitionError(code, exc.details()) from None
+            reason = {grpc.StatusCode.UNAVAILABLE: pb.FALLBACK_REASON_LOGO_SERVICE_UNAVAILABLE,
+                      grpc.StatusCode.DEADLINE_EXCEEDED: pb.FALLBACK_REASON_LOGO_SERVICE_TIMEOUT,
+                      }.get(code, pb.FALLBACK_REASON_LOGO_SERVICE_ERROR)
+            self._fall_back(response, reason, f"logo service failed ({code.name}: {exc.details()})")
+            return None
+        response.timings.add(stage="logo", ms=_ms_since(started))
+        if match.HasField("best"):
+            response.logo.CopyFrom(match.best)
+        response.logo_matched = match.matched
+        if not match.matched:
+            best = (f"; best candidate {match.best.brand} had {match.best.inliers} inliers"
+                    if match.HasField("best") else "")
+            response.route = pb.ROUTE_GLOBAL_MODEL
+            response.route_detail = f"no logo passed the gate (>= {match.min_inliers} inliers){best} -> global model"
+            return None
+        brand = match.best.brand
+        model = self.catalog.for_brand(brand)
+        if model is None:
+            self._fall_back(response, pb.FALLBACK_REASON_BRAND_WITHOUT_MODEL,
+                            f"logo matched {brand} ({match.best.inliers} inliers) but no model plugin serves it")
+            return None
+        response.route = pb.ROUTE_BRAND_MODEL
+        response.route_detail = f"logo matched {brand} ({match.best.inliers} inliers) -> brand model {model.name}"
+        return model
+
+    async def _predict(self, model: ModelInfo, image: bytes, response: pb.RecognizeResponse,
+                       deadline: float | None) -> Prediction | None:
+        """Predict with `model`; None means "brand model failed, use the global one"."""
+        started = time.perf_counter()
+        is_brand = model is not self.catalog.global_model and response.route != pb.ROUTE_FORCED_MODEL
+        try:
+            [prediction] = await self.tf_serving.predict(model, [image], _timeout(self.settings.predict_timeout_s, deadline))
+            return prediction
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code()
+            if is_brand and code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION):
+                model.available, model.error = False, f"{code.name}: {exc.details()}"
+                self._fall_back(response, pb.FALLBACK_REASON_BRAND_MODEL_NOT_FOUND,
+                                f"brand model {model.name!r} not found ({exc.details()})")
+                return None
+            if is_brand and code not in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.DEADLINE_EXCEEDED):
+                self._fall_back(response, pb.FALLBACK_REASON_BRAND_MODEL_ERROR,
+                                f"brand model {model.name!r} failed ({code.name}: {exc.details()})")
+                return None
+            raise _downstream_error(model, exc) from None
+        finally:
+            response.timings.add(stage=f"predict:{model.name}", ms=_ms_since(started))
+
+    def _fall_back(self, response: pb.RecognizeResponse, reason: int, detail: str) -> None:
+        response.route = pb.ROUTE_FALLBACK_GLOBAL
+        response.fallback_reason = reason
+        response.route_detail = f"{detail} -> global model"
+        log_event(logger, "fallback", logging.WARNING, reason=pb.FallbackReason.Name(reason), detail=detail)
+
+    def _fill_prediction(self, response: pb.RecognizeResponse, model: ModelInfo, prediction: Prediction,
+                         top_k: int) -> None:
+        order = np.argsort(-prediction.probabilities)[:top_k]
+        for index in order:
+            label = prediction.labels[index]
+            response.top_k.add(label=label.text, make=label.make, model=label.model, year=label.year,
+                               confidence=float(prediction.probabilities[index]))
+        best = response.top_k[0]
+        response.make, response.model, response.year = best.make, best.model, best.year
+        response.label, response.confidence = best.label, best.confidence
+        response.model_name, response.model_version = model.name, prediction.version
+        response.signature_name = prediction.signature
+
+
+def _timeout(stage_limit: float, deadline: float | None) -> float:
+    """The stage's own limit, cut to what is left of the caller's deadline."""
+    if deadline is None:
+        return stage_limit
+    left = deadline - time.perf_counter()
+    if left <= 0:
+        raise RecognitionError(grpc.StatusCode.DEADLINE_EXCEEDED, "the call's deadline expired before the model ran")
+    return min(stage_limit, left)
+
+
+def _downstream_error(model: ModelInfo, exc: grpc.aio.AioRpcError) -> RecognitionError:
+    code = exc.code()
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return RecognitionError(code, f"the model could not read the image: {exc.details()}")
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return RecognitionError(code, f"model {model.name!r} did not answer within the deadline")
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return RecognitionError(code, f"the model server is overloaded ({exc.details()}); retry with backoff")
+    return RecognitionError(grpc.StatusCode.UNAVAILABLE,
+                            f"the model server cannot serve model {model.name!r} ({code.name}: {exc.details()}); "
+                            "retry later")
+
+
+def _ms_since(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 3)

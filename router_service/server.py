@@ -1,0 +1,136 @@
+"""gRPC servicer for carrecog.v1.RecognitionService and the router's lifecycle."""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import AsyncIterator
+
+import grpc
+
+from carrecog.v1 import logo_service_pb2_grpc
+from carrecog.v1 import recognition_service_pb2 as pb
+from carrecog.v1 import recognition_service_pb2_grpc as pb_grpc
+from common.channels import downstream_channel
+from common.logs import log_event
+from common.plugins import load_plugins
+from common.server import GrpcServer
+from router_service.catalog import ModelCatalog
+from router_service.routing import RecognitionError, Recognizer, RoutingSettings
+from router_service.settings import RouterSettings
+from router_service.tf_serving import TfServingClient
+
+logger = logging.getLogger("carrecog.router")
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RecognitionService"].full_name
+BATCH_CONCURRENCY = 4
+
+
+def _error_result(image_id: str, error: RecognitionError) -> pb.RecognizeResult:
+    return pb.RecognizeResult(image_id=image_id, error=pb.RecognizeError(
+        code=error.code.value[0], code_name=error.code.name, message=error.message))
+
+
+class RecognitionServicer(pb_grpc.RecognitionServiceServicer):
+    def __init__(self, recognizer: Recognizer, catalog: ModelCatalog, batch_limit: int) -> None:
+        self.recognizer = recognizer
+        self.catalog = catalog
+        self.batch_limit = batch_limit
+
+    async def Recognize(self, request: pb.RecognizeRequest, context: grpc.aio.ServicerContext) -> pb.RecognizeResponse:
+        try:
+            return await self.recognizer.recognize(request, context.time_remaining())
+        except RecognitionError as exc:
+            await context.abort(exc.code, exc.message)
+
+    async def _one(self, request: pb.RecognizeRequest, time_left: float | None) -> pb.RecognizeResult:
+        try:
+            response = await self.recognizer.recognize(request, time_left)
+            return pb.RecognizeResult(image_id=request.image_id, response=response)
+        except RecognitionError as exc:
+            return _error_result(request.image_id, exc)
+
+    async def RecognizeBatch(self, request: pb.RecognizeBatchRequest,
+                             context: grpc.aio.ServicerContext) -> pb.RecognizeBatchResponse:
+        if not request.requests:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the batch is empty: send at least one image")
+        if len(request.requests) > self.batch_limit:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"the batch has {len(request.requests)} images, over the limit of "
+                                f"{self.batch_limit}: split it or use RecognizeStream")
+        gate = asyncio.Semaphore(BATCH_CONCURRENCY)
+
+        async def bounded(item: pb.RecognizeRequest) -> pb.RecognizeResult:
+            async with gate:
+                return await self._one(item, context.time_remaining())
+
+        results = await asyncio.gather(*(bounded(item) for item in request.requests))
+        return pb.RecognizeBatchResponse(results=results)
+
+    async def RecognizeStream(self, request_iterator: AsyncIterator[pb.RecognizeStreamRequest],
+                              context: grpc.aio.ServicerContext) -> AsyncIterator[pb.RecognizeStreamResponse]:
+        async for item in request_iterator:
+            yield pb.RecognizeStreamResponse(result=await self._one(item.request, context.time_remaining()))
+
+    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
+        response = pb.ListModelsResponse(global_model=self.catalog.global_name)
+        for model in self.catalog.models.values():
+            response.models.add(
+                name=model.name, version=model.version, signature_name=model.signature, input_key=model.input_key,
+                probabilities_key=model.probabilities_key, labels_key=model.labels_key,
+                labels=[label.text for label in model.labels], brand=self.catalog.brand_of(model),
+                available=model.available)
+        for plugin in self.catalog.plugins.values():
+            response.brands.add(slug=plugin.slug, name=plugin.name,
+                                model_name=plugin.model.name if plugin.model else "",
+                                signature_name=plugin.model.signature if plugin.model else "")
+        return response
+
+
+async def watch_downstreams(server: GrpcServer, catalog: ModelCatalog, interval_s: float) -> None:
+    """Health follows the model server: SERVING while the global model answers, NOT_SERVING otherwise.
+
+    A down logo service does not make the router unhealthy: it degrades to the
+    global model and says so in each answer.
+    """
+    serving = False
+    while True:
+        try:
+            if serving:
+                ok = await catalog.client.is_available(catalog.global_name, timeout=max(interval_s, 2.0))
+                if ok:
+                    await catalog.refresh(timeout=10.0, only_unavailable=True)
+            else:
+                ok = await catalog.refresh(timeout=30.0)
+        except grpc.aio.AioRpcError as exc:
+            ok = False
+            log_event(logger, "model server check failed", logging.WARNING, code=exc.code().name)
+        if ok != serving:
+            serving = ok
+            await server.set_serving(ok)
+            log_event(logger, "health", status="SERVING" if ok else "NOT_SERVING")
+        await asyncio.sleep(interval_s if serving else min(interval_s, 1.0))
+
+
+async def serve(settings: RouterSettings) -> None:
+    plugins = load_plugins(settings.plugins_dir, settings.data_dir)
+    max_bytes = settings.server.max_message_bytes
+    model_channel = downstream_channel(settings.model_server_address, "MODEL_SERVER", max_bytes)
+    client = TfServingClient(model_channel)
+    logo_stub = None
+    if settings.logo_address:
+        logo_stub = logo_service_pb2_grpc.LogoServiceStub(
+            downstream_channel(settings.logo_address, "LOGO_SERVICE", max_bytes))
+    catalog = ModelCatalog(client, settings.global_model, plugins)
+    recognizer = Recognizer(catalog, client, logo_stub, RoutingSettings(
+        logo_timeout_s=settings.logo_timeout_s, predict_timeout_s=settings.predict_timeout_s,
+        max_image_bytes=int(settings.max_image_mb * 1024 * 1024)))
+
+    server = GrpcServer("router", settings.server, [SERVICE_NAME])
+    pb_grpc.add_RecognitionServiceServicer_to_server(
+        RecognitionServicer(recognizer, catalog, settings.batch_limit), server.server)
+    await server.start()
+    watcher = asyncio.create_task(watch_downstreams(server, catalog, settings.health_interval_s))
+    try:
+        await server.wait_for_shutdown()
+    finally:
+        watcher.cancel()
+        await model_channel.close()

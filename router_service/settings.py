@@ -1,0 +1,67 @@
+"""Router settings: environment variables with matching flags, read once at start."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.plugins import DEFAULT_PLUGINS_DIR
+from common.server import ServerSettings, add_server_arguments, env
+from training.split import data_dir
+
+
+@dataclass(frozen=True)
+class RouterSettings:
+    server: ServerSettings
+    model_server_address: str
+    logo_address: str
+    global_model: str
+    plugins_dir: Path
+    data_dir: Path
+    logo_timeout_s: float
+    predict_timeout_s: float
+    max_image_mb: float
+    health_interval_s: float
+    batch_limit: int
+    log_level: str
+
+
+def parse_settings(argv: list[str] | None = None) -> RouterSettings:
+    parser = argparse.ArgumentParser(prog="python -m router_service", description=__doc__)
+    add_server_arguments(parser, "ROUTER", default_port=50050)
+    parser.add_argument("--model-server", default=env("MODEL_SERVER_ADDRESS"),
+                        help="TF Serving gRPC address host:port ($MODEL_SERVER_ADDRESS, required)")
+    parser.add_argument("--logo-service", default=env("LOGO_SERVICE_ADDRESS", ""),
+                        help="logo service host:port; empty = no logo stage ($LOGO_SERVICE_ADDRESS)")
+    parser.add_argument("--global-model", default=env("ROUTER_GLOBAL_MODEL", "global"),
+                        help="TF Serving model name of the global classifier ($ROUTER_GLOBAL_MODEL)")
+    parser.add_argument("--plugins-dir", type=Path, default=Path(env("CARRECOG_PLUGINS_DIR", str(DEFAULT_PLUGINS_DIR))),
+                        help="brand plugin folders ($CARRECOG_PLUGINS_DIR)")
+    parser.add_argument("--data-dir", type=Path, default=data_dir(), help="shared data root ($CARRECOG_DATA_DIR)")
+    parser.add_argument("--logo-timeout-ms", type=float, default=float(env("ROUTER_LOGO_TIMEOUT_MS", "1500")),
+                        help="deadline for the logo stage; slower → global model ($ROUTER_LOGO_TIMEOUT_MS)")
+    parser.add_argument("--predict-timeout-ms", type=float, default=float(env("ROUTER_PREDICT_TIMEOUT_MS", "15000")),
+                        help="deadline for one Predict call ($ROUTER_PREDICT_TIMEOUT_MS)")
+    parser.add_argument("--max-image-mb", type=float, default=float(env("ROUTER_MAX_IMAGE_MB", "20")),
+                        help="largest accepted image file ($ROUTER_MAX_IMAGE_MB)")
+    parser.add_argument("--health-interval-s", type=float, default=float(env("ROUTER_HEALTH_INTERVAL_S", "5")),
+                        help="how often downstream health is re-checked ($ROUTER_HEALTH_INTERVAL_S)")
+    parser.add_argument("--batch-limit", type=int, default=int(env("ROUTER_BATCH_LIMIT", "64")),
+                        help="most images in one RecognizeBatch call ($ROUTER_BATCH_LIMIT)")
+    args = parser.parse_args(argv)
+    if not args.model_server:
+        parser.error("the model server address is required: --model-server or MODEL_SERVER_ADDRESS")
+    return RouterSettings(
+        server=ServerSettings.from_args(args),
+        model_server_address=args.model_server,
+        logo_address=args.logo_service,
+        global_model=args.global_model,
+        plugins_dir=args.plugins_dir,
+        data_dir=args.data_dir,
+        logo_timeout_s=args.logo_timeout_ms / 1000,
+        predict_timeout_s=args.predict_timeout_ms / 1000,
+        max_image_mb=args.max_image_mb,
+        health_interval_s=args.health_interval_s,
+        batch_limit=args.batch_limit,
+        log_level=args.log_level,
+    )

@@ -1,0 +1,61 @@
+"""`make run`: start model server, logo service and router; recognise IMAGES; keep serving until Ctrl-C.
+
+    python -m scripts.run_stack [IMAGE_OR_FOLDER ...]
+
+Ports come from MODEL_SERVER_PORT (8500), LOGO_PORT (50051) and ROUTER_PORT
+(50050). With no images given it recognises a few shared Stanford Cars photos.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from client.__main__ import main as client_main
+from scripts.stack import ROOT, start_logo_service, start_model_server, start_router
+from training.split import data_dir
+
+DEFAULT_IMAGE_IDS = ["00001", "00013", "00042", "00160", "00777", "01234"]
+
+
+def default_images() -> list[str]:
+    folder = data_dir() / "stanford_cars" / "images"
+    return [str(folder / f"{i}.jpg") for i in DEFAULT_IMAGE_IDS if (folder / f"{i}.jpg").exists()]
+
+
+def main(argv: list[str]) -> int:
+    images = argv or default_images()
+    log_dir = ROOT / "runs" / "stack"
+    port = lambda name, default: int(os.environ.get(name, default))  # noqa: E731
+    services = []
+    try:
+        print(f"starting services (logs in {log_dir}) ...", file=sys.stderr)
+        model_server = start_model_server(log_dir, port("MODEL_SERVER_PORT", 8500))
+        services.append(model_server)
+        logo = start_logo_service(log_dir, port("LOGO_PORT", 50051))
+        services.append(logo)
+        router = start_router(model_server.address, logo.address, log_dir, port("ROUTER_PORT", 50050))
+        services.append(router)
+        for service in services:
+            service.wait_healthy()
+            print(f"{service.name}: SERVING on {service.address}", file=sys.stderr)
+        if images:
+            client_main(["--address", router.address, *images])
+        else:
+            print("no images given and ../shared/data is not there: pass IMAGES=...", file=sys.stderr)
+        print(f"the stack keeps running (router on {router.address}); Ctrl-C stops it", file=sys.stderr)
+        while all(s.process.poll() is None for s in services):
+            time.sleep(1)
+        print("a service exited; stopping the others", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        for service in reversed(services):
+            service.stop(signal.SIGTERM)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

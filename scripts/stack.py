@@ -1,0 +1,119 @@
+"""Start the three services as real processes and wait until they are healthy.
+
+Used by `make run` (scripts/run_stack.py) and by the integration tests, so
+both exercise the same command lines and environment variables.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVING_MODELS = ROOT / "serving_models"
+
+
+@dataclass
+class ServiceProcess:
+    """One running service: its process, bound port and log file."""
+
+    name: str
+    process: subprocess.Popen
+    port: int
+    log_path: Path
+    address: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.address = f"127.0.0.1:{self.port}"
+
+    def health(self, service: str = "", credentials: grpc.ChannelCredentials | None = None,
+               server_name: str | None = None) -> str:
+        """The grpc.health.v1 status name, or the error code's name when it cannot answer."""
+        options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
+        channel = (grpc.secure_channel(self.address, credentials, options=options) if credentials
+                   else grpc.insecure_channel(self.address))
+        with channel:
+            try:
+                reply = health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(service=service), timeout=2)
+                return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+            except grpc.RpcError as exc:
+                return exc.code().name
+
+    def wait_healthy(self, timeout: float = 180.0, **kwargs) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.process.returncode}:\n{self.log_tail()}")
+            if self.health(**kwargs) == "SERVING":
+                return
+            time.sleep(0.3)
+        raise TimeoutError(f"{self.name} not SERVING after {timeout:.0f}s:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def start_service(name: str, module: str, args: list[str], env: dict[str, str] | None = None,
+                  log_dir: Path | None = None, port: int = 0, wait_for_port: float = 180.0) -> ServiceProcess:
+    """Run `python -m module args --port PORT --port-file F`; returns once the port is bound."""
+    log_dir = Path(log_dir or tempfile.mkdtemp(prefix="carrecog-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    port_file = log_dir / f"{name}.port"
+    port_file.unlink(missing_ok=True)
+    log_path = log_dir / f"{name}.log"
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", module, *args, "--port", str(port), "--port-file", str(port_file)],
+            cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + wait_for_port
+    while not port_file.exists():
+        if process.poll() is not None:
+            raise RuntimeError(f"{name} exited with {process.returncode}:\n{log_path.read_text(errors='replace')[-3000:]}")
+        if time.monotonic() > deadline:
+            process.kill()
+            raise TimeoutError(f"{name} did not bind a port in {wait_for_port:.0f}s")
+        time.sleep(0.1)
+    return ServiceProcess(name, process, int(port_file.read_text()), log_path)
+
+
+def start_model_server(log_dir: Path | None = None, port: int = 0, models: Path = SERVING_MODELS,
+                       env: dict[str, str] | None = None) -> ServiceProcess:
+    return start_service("model_server", "model_server", [
+        "--model_config_file", str(models / "models.config"),
+        "--model_base_path_prefix_map", f"/models={models}",
+        "--enable_batching", "--batching_parameters_file", str(models / "batching_parameters.txt"),
+    ], env=env, log_dir=log_dir, port=port)
+
+
+def start_logo_service(log_dir: Path | None = None, port: int = 0, env: dict[str, str] | None = None) -> ServiceProcess:
+    return start_service("logo_service", "logo_service", [], env=env, log_dir=log_dir, port=port)
+
+
+def start_router(model_server: str, logo_service: str, log_dir: Path | None = None, port: int = 0,
+                 env: dict[str, str] | None = None, extra_args: list[str] | None = None) -> ServiceProcess:
+    return start_service("router", "router_service", [
+        "--model-server", model_server, "--logo-service", logo_service, *(extra_args or [])],
+        env=env, log_dir=log_dir, port=port)
