@@ -55,8 +55,8 @@ def _resolve_logo(entry: str, folder: Path, data_dir: Path) -> Path:
     return folder / entry
 
 
-def load_plugin(manifest_path: Path, data_dir: Path) -> BrandPlugin:
-    """Read and validate one manifest."""
+def load_plugin(manifest_path: Path, data_dir: Path, check_logos: bool = True) -> BrandPlugin:
+    """Read and validate one manifest; check_logos=False for services that never read the logos."""
     where = str(manifest_path)
     try:
         raw = json.loads(manifest_path.read_text())
@@ -81,7 +81,7 @@ def load_plugin(manifest_path: Path, data_dir: Path) -> BrandPlugin:
     if not isinstance(logos_raw, list) or not all(isinstance(p, str) for p in logos_raw):
         raise PluginError(f"{where}: 'logos' must be a list of paths")
     logos = tuple(_resolve_logo(p, folder, data_dir) for p in logos_raw)
-    for logo in logos:
+    for logo in logos if check_logos else ():
         if not logo.is_file():
             raise PluginError(f"{where}: logo image {logo} does not exist")
     model = None
@@ -93,7 +93,7 @@ def load_plugin(manifest_path: Path, data_dir: Path) -> BrandPlugin:
     return BrandPlugin(slug=slug, name=name, makes=tuple(makes), logos=logos, model=model, folder=folder)
 
 
-def load_plugins(plugins_dir: Path, data_dir: Path) -> dict[str, BrandPlugin]:
+def load_plugins(plugins_dir: Path, data_dir: Path, check_logos: bool = True) -> dict[str, BrandPlugin]:
     """Every plugin under plugins_dir, by slug. Raises PluginError on any broken one."""
     if not plugins_dir.is_dir():
         raise PluginError(f"{plugins_dir}: plugins folder does not exist")
@@ -102,7 +102,7 @@ def load_plugins(plugins_dir: Path, data_dir: Path) -> dict[str, BrandPlugin]:
         manifest = folder / "manifest.json"
         if not manifest.is_file():
             raise PluginError(f"{manifest}: plugin folder has no manifest.json")
-        plugin = load_plugin(manifest, data_dir)
+        plugin = load_plugin(manifest, data_dir, check_logos)
         if plugin.slug in registry:
             raise PluginError(f"{manifest}: duplicate brand slug {plugin.slug!r}")
         registry[plugin.slug] = plugin

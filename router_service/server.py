@@ -111,7 +111,7 @@ async def watch_downstreams(server: GrpcServer, catalog: ModelCatalog, interval_
 
 
 async def serve(settings: RouterSettings) -> None:
-    plugins = load_plugins(settings.plugins_dir, settings.data_dir)
+    plugins = load_plugins(settings.plugins_dir, settings.data_dir, check_logos=False)
     max_bytes = settings.server.max_message_bytes
     model_channel = downstream_channel(settings.model_server_address, "MODEL_SERVER", max_bytes)
     client = TfServingClient(model_channel)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from common.plugins import DEFAULT_PLUGINS_DIR
 from common.server import ServerSettings, add_server_arguments, env
-from training.split import data_dir
+from common.data import data_dir
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from client.__main__ import main as client_main
 from scripts.stack import ROOT, start_logo_service, start_model_server, start_router
-from training.split import data_dir
+from common.data import data_dir
 
 DEFAULT_IMAGE_IDS = ["00001", "00013", "00042", "00160", "00777", "01234"]
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import os
 import random
 from collections import defaultdict
 from dataclasses import dataclass
@@ -19,12 +18,7 @@ from pathlib import Path
 
 SEED = 20261124
 FRACTIONS = {"train": 0.70, "val": 0.15, "test": 0.15}
-DEFAULT_DATA_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
-
-
-def data_dir() -> Path:
-    """The shared data root: $CARRECOG_DATA_DIR, else ../shared/data beside the repo."""
-    return Path(os.environ.get("CARRECOG_DATA_DIR", DEFAULT_DATA_DIR))
+from common.data import data_dir  # noqa: F401  (re-exported: the split's consumers import it from here)
 
 
 @dataclass(frozen=True)
