@@ -1,0 +1,202 @@
+"""Faults: each fallback, health transitions, graceful shutdown, concurrency limit, TLS."""
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+
+import grpc
+import pytest
+
+from carrecog.v1 import recognition_service_pb2 as pb
+from carrecog.v1 import recognition_service_pb2_grpc as pb_grpc
+from scripts.stack import ROOT, start_model_server, start_router
+from tests import images
+from tests.test_stack import logo_hit, no_logo_photo, plugins, recognize, test_photos  # noqa: F401  (fixtures)
+
+pytestmark = pytest.mark.integration
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stub_for(service, credentials=None, options=()):
+    channel = (grpc.secure_channel(service.address, credentials, options=list(options)) if credentials
+               else grpc.insecure_channel(service.address))
+    return channel, pb_grpc.RecognitionServiceStub(channel)
+
+
+@pytest.fixture
+def make_router(model_server, stack_logs):
+    started = []
+
+    def make(logo_address: str, **kwargs):
+        router = start_router(model_server.address, logo_address, stack_logs, **kwargs)
+        started.append(router)
+        return router
+
+    yield make
+    for router in started:
+        router.stop(signal.SIGKILL)
+
+
+def test_logo_service_down_falls_back_to_global(make_router, logo_hit):
+    router = make_router(f"127.0.0.1:{free_port()}")
+    router.wait_healthy()  # a dead logo service does not make the router unhealthy
+    channel, stub = stub_for(router)
+    with channel:
+        reply = recognize(stub, logo_hit[0].path.read_bytes())
+    assert reply.route == pb.ROUTE_FALLBACK_GLOBAL
+    assert reply.fallback_reason == pb.FALLBACK_REASON_LOGO_SERVICE_UNAVAILABLE
+    assert reply.model_name == "global" and reply.label and "logo service" in reply.route_detail
+
+
+def test_slow_logo_service_falls_back_to_global(make_router, logo_service, logo_hit):
+    router = make_router(logo_service.address, env={"ROUTER_LOGO_TIMEOUT_MS": "1"})
+    router.wait_healthy()
+    channel, stub = stub_for(router)
+    with channel:
+        reply = recognize(stub, logo_hit[0].path.read_bytes())
+    assert reply.route == pb.ROUTE_FALLBACK_GLOBAL
+    assert reply.fallback_reason == pb.FALLBACK_REASON_LOGO_SERVICE_TIMEOUT and reply.model_name == "global"
+
+
+def test_missing_brand_model_falls_back_to_global(make_router, logo_service, logo_hit, tmp_path):
+    photo, brand = logo_hit
+    plugins_dir = tmp_path / "plugins"
+    shutil.copytree(ROOT / "plugins", plugins_dir)
+    manifest = plugins_dir / brand / "manifest.json"
+    spec = json.loads(manifest.read_text())
+    spec["model"]["name"] = f"{brand}-not-served"
+    manifest.write_text(json.dumps(spec))
+    router = make_router(logo_service.address, env={"CARRECOG_PLUGINS_DIR": str(plugins_dir)})
+    router.wait_healthy()
+    channel, stub = stub_for(router)
+    with channel:
+        reply = recognize(stub, photo.path.read_bytes())
+    assert reply.logo_matched and reply.logo.brand == brand
+    assert reply.route == pb.ROUTE_FALLBACK_GLOBAL
+    assert reply.fallback_reason == pb.FALLBACK_REASON_BRAND_MODEL_NOT_FOUND
+    assert reply.model_name == "global" and "not-served" in reply.route_detail
+
+
+def test_broken_plugin_fails_at_start_naming_the_file(model_server, tmp_path):
+    plugins_dir = tmp_path / "plugins"
+    (plugins_dir / "acme").mkdir(parents=True)
+    (plugins_dir / "acme" / "manifest.json").write_text('{"slug": "acme", "name": ')
+    with pytest.raises(RuntimeError) as err:
+        start_router(model_server.address, "", tmp_path, env={"CARRECOG_PLUGINS_DIR": str(plugins_dir)})
+    assert "acme/manifest.json" in str(err.value)
+
+
+def test_health_follows_the_model_server_and_model_server_down_is_unavailable(tmp_path, logo_hit):
+    port = free_port()
+    models = start_model_server(tmp_path, port=port)
+    router = start_router(models.address, "", tmp_path, extra_args=["--health-interval-s", "0.5"])
+    try:
+        models.wait_healthy()
+        router.wait_healthy(timeout=120)
+        channel, stub = stub_for(router)
+        with channel:
+            assert recognize(stub, images.photo("00001")).label
+            models.stop(signal.SIGKILL)
+            with pytest.raises(grpc.RpcError) as err:
+                recognize(stub, images.photo("00001"))
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "model server" in err.value.details()
+            deadline = time.monotonic() + 30
+            while router.health() != "NOT_SERVING" and time.monotonic() < deadline:
+                time.sleep(0.3)
+            assert router.health() == "NOT_SERVING"
+            models = start_model_server(tmp_path, port=port)  # back on the same address
+            router.wait_healthy(timeout=120)
+            assert recognize(stub, images.photo("00001")).label
+    finally:
+        router.stop(signal.SIGKILL)
+        models.stop(signal.SIGKILL)
+
+
+def test_sigterm_drains_in_flight_calls_then_exits(make_router):
+    router = make_router("")
+    router.wait_healthy()
+    channel, stub = stub_for(router)
+    results = {}
+
+    def call():
+        requests = (pb.RecognizeStreamRequest(request=pb.RecognizeRequest(image=images.photo(i), image_id=i))
+                    for i in ["00010", "00011", "00012", "00013"])
+        results["answers"] = list(stub.RecognizeStream(requests, timeout=120))
+
+    with channel:
+        worker = threading.Thread(target=call)
+        worker.start()
+        time.sleep(0.5)
+        router.process.send_signal(signal.SIGTERM)
+        worker.join(60)
+        assert router.process.wait(30) == 0
+    assert len(results["answers"]) == 4 and all(a.result.response.label for a in results["answers"])
+    assert "shutting down" in router.log_path.read_text()
+
+
+def test_concurrency_limit_answers_resource_exhausted(make_router):
+    router = make_router("", extra_args=["--max-concurrent-rpcs", "1"])
+    router.wait_healthy()
+    channel, stub = stub_for(router)
+    with channel:
+        gate = threading.Event()
+
+        def slow_requests():
+            yield pb.RecognizeStreamRequest(request=pb.RecognizeRequest(image=images.photo("00001")))
+            gate.wait(30)
+
+        stream = stub.RecognizeStream(slow_requests(), timeout=60)
+        next(stream)  # the stream now holds the only slot
+        with pytest.raises(grpc.RpcError) as err:
+            recognize(stub, images.photo("00002"))
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        gate.set()
+        list(stream)
+
+
+def _openssl(*args: str, cwd) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def certificates(tmp_path_factory):
+    """A throwaway CA, a server certificate for localhost and a client certificate."""
+    d = tmp_path_factory.mktemp("tls")
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=carrecog-test-ca",
+             "-keyout", "ca.key", "-out", "ca.pem", cwd=d)
+    for name in ("server", "client"):
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", f"{name}.key",
+                 "-out", f"{name}.csr", cwd=d)
+        (d / f"{name}.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                 "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.pem", cwd=d)
+    return d
+
+
+def test_tls_and_mtls(make_router, certificates):
+    c = certificates
+    ca = (c / "ca.pem").read_bytes()
+    router = make_router("", env={"ROUTER_TLS_CERT": str(c / "server.pem"), "ROUTER_TLS_KEY": str(c / "server.key"),
+                                  "ROUTER_TLS_CLIENT_CA": str(c / "ca.pem")})
+    with_cert = grpc.ssl_channel_credentials(ca, (c / "client.key").read_bytes(), (c / "client.pem").read_bytes())
+    router.wait_healthy(credentials=with_cert)
+    channel, stub = stub_for(router, with_cert)
+    with channel:
+        assert recognize(stub, images.photo("00001")).label
+    channel, stub = stub_for(router, grpc.ssl_channel_credentials(ca))  # no client certificate
+    with channel, pytest.raises(grpc.RpcError) as err:
+        recognize(stub, images.photo("00001"))
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    channel, stub = stub_for(router)  # plaintext
+    with channel, pytest.raises(grpc.RpcError):
+        recognize(stub, images.photo("00001"))

@@ -1,0 +1,175 @@
+"""Integration: model server, logo service and router as real processes on ephemeral ports."""
+from __future__ import annotations
+
+import json
+import io
+
+import grpc
+import pytest
+
+from carrecog.v1 import logo_service_pb2
+from carrecog.v1 import recognition_service_pb2 as pb
+from client.__main__ import main as client_main
+from common.plugins import DEFAULT_PLUGINS_DIR, load_plugins
+from tests import images
+from training.split import load_split
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="session")
+def plugins():
+    from common.data import data_dir
+    return load_plugins(DEFAULT_PLUGINS_DIR, data_dir())
+
+
+@pytest.fixture(scope="session")
+def test_photos():
+    return [p for p in load_split() if p.split == "test"]
+
+
+@pytest.fixture(scope="session")
+def logo_hit(logo_stub, plugins, test_photos):
+    """A test-split photo on which the logo gate fires for a brand that has a model."""
+    makes = {m: slug for slug, p in plugins.items() if p.model for m in p.makes}
+    for photo in [p for p in test_photos if p.make in makes][:150]:
+        reply = logo_stub.MatchLogo(logo_service_pb2.MatchLogoRequest(image=photo.path.read_bytes()), timeout=30)
+        if reply.matched:
+            return photo, reply.best.brand
+    pytest.fail("the logo gate fired on none of 150 test photos of plugin brands")
+
+
+@pytest.fixture(scope="session")
+def no_logo_photo(logo_stub, plugins, test_photos):
+    """A test-split photo of a make without a plugin on which the gate stays quiet."""
+    plugin_makes = {m for p in plugins.values() for m in p.makes}
+    for photo in [p for p in test_photos if p.make not in plugin_makes][:50]:
+        reply = logo_stub.MatchLogo(logo_service_pb2.MatchLogoRequest(image=photo.path.read_bytes()), timeout=30)
+        if not reply.matched:
+            return photo
+    pytest.fail("the logo gate fired on 50 of 50 photos of makes without a plugin")
+
+
+def recognize(stub, data: bytes, **options) -> pb.RecognizeResponse:
+    return stub.Recognize(pb.RecognizeRequest(image=data, options=pb.RecognizeOptions(**options)), timeout=60)
+
+
+def test_logo_gated_route_uses_the_brand_model(recognition, logo_hit, plugins):
+    photo, brand = logo_hit
+    reply = recognize(recognition, photo.path.read_bytes())
+    assert reply.route == pb.ROUTE_BRAND_MODEL, reply.route_detail
+    assert reply.logo_matched and reply.logo.brand == brand and reply.logo.inliers > 0
+    assert reply.model_name == plugins[brand].model.name and reply.model_version >= 1
+    assert brand in reply.route_detail
+    # a brand model only knows its own brand's classes
+    assert all(p.make in plugins[brand].makes for p in reply.top_k)
+    box = reply.logo.box
+    assert 0 <= box.x_min < box.x_max and 0 <= box.y_min < box.y_max
+    stages = {t.stage for t in reply.timings}
+    assert {"logo", "total"} <= stages and any(s.startswith("predict:") for s in stages)
+
+
+def test_no_logo_goes_to_the_global_model(recognition, no_logo_photo):
+    reply = recognize(recognition, no_logo_photo.path.read_bytes(), top_k=7)
+    assert reply.route == pb.ROUTE_GLOBAL_MODEL and reply.logo_consulted and not reply.logo_matched
+    assert reply.model_name == "global"
+    assert len(reply.top_k) == 7
+    confidences = [p.confidence for p in reply.top_k]
+    assert confidences == sorted(confidences, reverse=True) and 0 < sum(confidences) <= 1.0001
+    assert reply.label == reply.top_k[0].label == f"{reply.make} {reply.model} {reply.year}"
+
+
+def test_skip_logo_and_forced_model(recognition, logo_hit):
+    photo, _ = logo_hit
+    skipped = recognize(recognition, photo.path.read_bytes(), skip_logo=True)
+    assert skipped.route == pb.ROUTE_GLOBAL_MODEL and not skipped.logo_consulted
+    forced = recognize(recognition, photo.path.read_bytes(), force_model="global")
+    assert forced.route == pb.ROUTE_FORCED_MODEL and forced.model_name == "global"
+    with pytest.raises(grpc.RpcError) as err:
+        recognize(recognition, photo.path.read_bytes(), force_model="no-such-model")
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "global" in err.value.details()
+
+
+def test_list_models_reads_labels_from_the_models(recognition, plugins):
+    reply = recognition.ListModels(pb.ListModelsRequest(), timeout=10)
+    models = {m.name: m for m in reply.models}
+    assert reply.global_model == "global" and models["global"].available
+    assert len(models["global"].labels) == 196 and models["global"].input_key
+    assert {b.slug for b in reply.brands} == set(plugins)
+
+
+BAD_INPUTS = {
+    "empty": (lambda: b"", "empty"),
+    "not an image": (lambda: b"%PDF-1.4 definitely not a photo", "not a JPEG or PNG"),
+    "truncated jpeg": (lambda: images.truncated_jpeg("00001"), "truncated"),
+    "1x1 png": (images.one_pixel_png, "too small"),
+    "decompression bomb": (images.decompression_bomb_png, "megapixel"),
+    "over the size limit": (lambda: b"\xff\xd8\xff" + b"\0" * (21 * 1024 * 1024), "limit"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_INPUTS))
+def test_bad_input_is_invalid_argument_and_the_stack_keeps_serving(recognition, name):
+    make, words = BAD_INPUTS[name]
+    with pytest.raises(grpc.RpcError) as err:
+        recognize(recognition, make())
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert words in err.value.details()
+    assert recognize(recognition, images.photo("00002")).label  # still serving
+
+
+@pytest.mark.parametrize("make", [images.cmyk_jpeg, images.grayscale_jpeg, images.rgba_png],
+                         ids=["cmyk", "grayscale", "rgba"])
+def test_unusual_but_valid_images_are_recognised(recognition, make):
+    reply = recognize(recognition, make("00002"))
+    assert reply.label and reply.confidence > 0
+
+
+def test_image_over_4_mib(recognition):
+    data = images.big_png("00001")
+    assert len(data) > 4 * 1024 * 1024
+    reply = recognize(recognition, data)
+    assert reply.label and reply.route in (pb.ROUTE_BRAND_MODEL, pb.ROUTE_GLOBAL_MODEL)
+
+
+def test_batch_keeps_good_images_when_one_is_bad(recognition):
+    request = pb.RecognizeBatchRequest(requests=[
+        pb.RecognizeRequest(image=images.photo("00001"), image_id="good-1"),
+        pb.RecognizeRequest(image=b"garbage", image_id="bad"),
+        pb.RecognizeRequest(image=images.photo("00002"), image_id="good-2"),
+    ])
+    results = recognition.RecognizeBatch(request, timeout=120).results
+    assert [r.image_id for r in results] == ["good-1", "bad", "good-2"]
+    assert results[0].response.label and results[2].response.label
+    assert results[1].error.code_name == "INVALID_ARGUMENT"
+
+
+def test_stream_answers_in_order(recognition):
+    ids = ["00003", "00004", "00005"]
+    requests = (pb.RecognizeStreamRequest(request=pb.RecognizeRequest(image=images.photo(i), image_id=i)) for i in ids)
+    answers = list(recognition.RecognizeStream(requests, timeout=120))
+    assert [a.result.image_id for a in answers] == ids
+    assert all(a.result.response.label for a in answers)
+
+
+def test_request_id_is_echoed_and_propagated(recognition, router, logo_service, logo_hit):
+    photo, _ = logo_hit
+    reply, call = recognition.Recognize.with_call(
+        pb.RecognizeRequest(image=photo.path.read_bytes()), metadata=[("x-request-id", "test-req-42")], timeout=60)
+    assert reply.request_id == "test-req-42"
+    assert ("x-request-id", "test-req-42") in call.trailing_metadata()
+    logo_lines = [json.loads(line) for line in logo_service.log_path.read_text().splitlines() if line.startswith("{")]
+    assert any(line.get("request_id") == "test-req-42" for line in logo_lines)
+
+
+def test_client_prints_one_json_object_per_image(router, logo_hit, tmp_path):
+    photo, _ = logo_hit
+    (tmp_path / "a.jpg").write_bytes(images.photo("00001"))
+    (tmp_path / "b.png").write_bytes(images.png(images.decoded("00002")))
+    out = io.StringIO()
+    assert client_main(["--address", router.address, str(photo.path), str(tmp_path)], out=out) == 0
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert len(lines) == 3
+    for line in lines:
+        assert {"image", "make", "model", "year", "label", "confidence", "route", "top_k"} <= set(line)
+    assert lines[0]["route"] == "brand_model"
