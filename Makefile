@@ -25,14 +25,19 @@ $(STUBS): $(PROTOS) $(STAMP)
 run: protos
 	$(PY) -m scripts.run_stack $(IMAGES)
 
-test: protos
+test: protos lint-protos
 	$(PY) -m pytest -q
 
 test-slow: protos
 	$(PY) -m pytest -q -m slow
 
-lint-protos:
-	npx --yes @bufbuild/buf@1.47.2 lint protos
+# buf (pinned in package.json) lints the contracts with the STANDARD rules (buf.yaml).
+node_modules/.bin/buf: package.json
+	npm install --silent --no-audit --no-fund
+	touch $@
+
+lint-protos: node_modules/.bin/buf
+	node_modules/.bin/buf lint
 
 clean:
 	rm -rf carrecog .pytest_cache
