@@ -115,7 +115,7 @@ def find_versions(base_path: Path) -> dict[int, Path]:
         raise ConfigError(f"Could not find base path {base_path}")
     versions = {}
     for child in base_path.iterdir():
-        if child.is_dir() and child.name.isdigit():
+        if child.is_dir() and child.name.isascii() and child.name.isdigit():
             versions[int(child.name)] = child
     return versions
 

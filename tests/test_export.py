@@ -1,0 +1,126 @@
+"""The SavedModel export: TF Serving layout, the serving_default contract, and
+preprocessing identical to training. Trains a small ResNet50 (32 px, 3 classes)
+for a few steps on real photos from ../shared/data, exports it with the CLI."""
+from __future__ import annotations
+
+import base64
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from training import data, export
+from training.split import load_split
+from training.train import Config, build_model, compile_model, new_state, save_checkpoint
+
+SIZE = 32
+# A 16x16 gradient saved by Pillow as a CMYK (Adobe) JPEG: synthetic, not from the data set.
+CMYK_JPEG = base64.b64decode(
+    "/9j/7gAOQWRvYmUAZAAAAAAA/9sAQwADAgIDAgIDAwMDBAMDBAUIBQUEBAUKBwcGCAwKDAwLCgsLDQ4SEA0OEQ4LCxAWEBETFBUVFQwPFxgWFBgSFBUU"
+    "/8AAFAgAEAAQBEMRAE0RAFkRAEsRAP/EAB8AAAEFAQEBAQEBAAAAAAAAAAABAgMEBQYHCAkKC//EALUQAAIBAwMCBAMFBQQEAAABfQECAwAEEQUSITFB"
+    "BhNRYQcicRQygZGhCCNCscEVUtHwJDNicoIJChYXGBkaJSYnKCkqNDU2Nzg5OkNERUZHSElKU1RVVldYWVpjZGVmZ2hpanN0dXZ3eHl6g4SFhoeIiYqS"
+    "k5SVlpeYmZqio6Slpqeoqaqys7S1tre4ubrCw8TFxsfIycrS09TV1tfY2drh4uPk5ebn6Onq8fLz9PX29/j5+v/aAA4EQwBNAFkASwAAPwD4/wD2bf8A"
+    "l1/Cvj//AIZt/wCnX/x2iv1Tr9Vf2bf+XX8KP+Gbf+nX/wAdoor8qv2bf+XX8K/VX/hm3/p1/wDHaKK/VX9m3/l1/Cj/AIZt/wCnX/x2iiv/2Q=="
+)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """(version folder, loaded SavedModel, Keras model, classes, sample photos) of a freshly
+    trained + exported model."""
+    tmp = tmp_path_factory.mktemp("export")
+    photos = load_split()
+    classes = data.class_list(photos)[:3]
+    ids = {c.class_id for c in classes}
+    train = [p for p in photos if p.split == "train" and p.class_id in ids]
+    cfg = Config(model="global", size=SIZE, epochs=1, batch=16, out=str(tmp / "run"))
+    model = build_model(cfg.arch, SIZE, len(classes))
+    compile_model(model, cfg, steps_per_epoch=3)
+    model.run_eagerly = True  # 3 eager steps: ~4 s; tracing the train step would take ~25 s
+    model.fit(data.make_dataset(train, classes, SIZE, cfg.batch, training=True).take(3), verbose=0)
+    state = new_state(cfg, classes, photos)
+    state["epoch"] = 1
+    save_checkpoint(Path(cfg.out), model, state)
+    export.main(["--run", cfg.out, "--model-name", "tiny", "--version", "1", "--base", str(tmp / "models")])
+    sample = [p for p in photos if p.split == "val" and p.class_id in ids][:8]
+    version_dir = tmp / "models" / "tiny" / "1"
+    return version_dir, tf.saved_model.load(str(version_dir)), model, classes, sample
+
+
+def test_tf_serving_layout(exported):
+    version_dir, _, _, classes, _ = exported
+    assert (version_dir / "saved_model.pb").is_file()
+    assert (version_dir / "variables" / "variables.index").is_file()
+    assert (version_dir / "assets" / "labels.txt").is_file()
+    assert not (version_dir.parent / ".tmp-1").exists()
+    card = json.loads((version_dir / "model_card.json").read_text())
+    assert card["num_classes"] == 3 and card["input_size"] == [SIZE, SIZE, 3]
+    assert {"val", "test", "float16_vs_float32"} <= set(card["metrics"])
+    # float16 weights only: ~2 bytes per parameter, no float32 copy saved beside them.
+    assert card["export"]["variables_bytes"] < 2.2 * card["parameters"]
+
+
+def test_signature_contract(exported):
+    _, loaded, _, classes, _ = exported
+    sig = loaded.signatures["serving_default"]
+    inputs = sig.structured_input_signature[1]
+    assert list(inputs) == ["image_bytes"]
+    assert inputs["image_bytes"].dtype == tf.string and inputs["image_bytes"].shape.as_list() == [None]
+    outputs = sig.structured_outputs
+    assert set(outputs) == {"probabilities", "labels"}
+    assert outputs["probabilities"].dtype == tf.float32 and outputs["probabilities"].shape.as_list() == [None, 3]
+    assert outputs["labels"].dtype == tf.string and outputs["labels"].shape.as_list() == [None, 3]
+
+
+def test_labels_asset_matches(exported):
+    version_dir, loaded, _, classes, sample = exported
+    expected = [f"{c.make}|{c.model}|{c.year}" for c in classes]
+    assert (version_dir / "assets" / "labels.txt").read_text().splitlines() == expected
+    assert Path(loaded.labels_asset.asset_path.numpy().decode()).name == "labels.txt"
+    out = loaded.signatures["serving_default"](image_bytes=tf.constant([p.path.read_bytes() for p in sample[:2]]))
+    rows = out["labels"].numpy().astype(str).tolist()
+    assert rows == [expected, expected]
+
+
+def test_in_graph_preprocessing_matches_training(exported):
+    _, loaded, model, _, sample = exported
+    blobs = [p.path.read_bytes() for p in sample]
+    served = loaded.signatures["serving_default"](image_bytes=tf.constant(blobs))
+    served = served["probabilities"].numpy()
+    # The training-time pipeline on the same files, through the Keras model with fp16-rounded weights.
+    model.set_weights([w.astype(np.float16).astype(np.float32) for w in model.get_weights()])
+    train_ds = data.make_dataset(sample, data.class_list(sample), SIZE, batch=8, training=False)
+    images = np.concatenate([x.numpy() for x, _ in train_ds])
+    reference = model.predict(images, verbose=0)
+    assert np.abs(served.sum(axis=1) - 1).max() < 1e-5
+    assert np.abs(served - reference).max() < 1e-4
+    # ...and the comparison can tell preprocessings apart: resizing without antialias
+    # (a plausible slip) moves the probabilities far more than 1e-4.
+    no_antialias = [tf.image.resize(tf.cast(data.decode(tf.constant(b)), tf.float32), [SIZE, SIZE]) for b in blobs]
+    other = model.predict(tf.stack(no_antialias) / 127.5 - 1.0, verbose=0)
+    assert np.abs(other - reference).max() > 1e-3
+
+
+def test_decodes_odd_formats_and_rejects_garbage(exported):
+    _, loaded, _, _, sample = exported
+    sig = loaded.signatures["serving_default"]
+    rgb = data.decode(tf.constant(sample[0].path.read_bytes()))
+    rgba = tf.concat([rgb, tf.fill(tf.concat([tf.shape(rgb)[:2], [1]], 0), tf.constant(128, tf.uint8))], -1)
+    blobs = [
+        tf.io.encode_png(rgb),  # PNG
+        tf.io.encode_png(rgba),  # RGBA PNG
+        tf.io.encode_png(tf.image.rgb_to_grayscale(rgb)),  # grayscale PNG
+        tf.io.encode_jpeg(tf.image.rgb_to_grayscale(rgb)),  # grayscale JPEG
+        tf.constant(CMYK_JPEG),  # CMYK JPEG
+    ]
+    probs = sig(image_bytes=tf.stack(blobs))["probabilities"].numpy()
+    assert probs.shape == (5, 3) and np.isfinite(probs).all()
+    cmyk = data.decode(tf.constant(CMYK_JPEG)).numpy().astype(int)
+    assert cmyk.shape == (16, 16, 3) and math.isclose(cmyk[0, 15, 0], 240, abs_tol=4)  # red ramps across x
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        sig(image_bytes=tf.constant([sample[0].path.read_bytes(), b"not an image"]))
+    empty = sig(image_bytes=tf.constant([], tf.string))
+    assert empty["probabilities"].shape == (0, 3) and empty["labels"].shape == (0, 3)
