@@ -6,6 +6,7 @@ size limit, SIFT settings), otherwise descriptors drift apart; so both call
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import cv2
@@ -28,16 +29,16 @@ class Features:
     height: int  # original height
 
 
-_SIFT: cv2.SIFT | None = None
+_LOCAL = threading.local()
 
 
 def _sift() -> cv2.SIFT:
-    # One detector per process; cv2.SIFT objects are safe to share for
-    # detectAndCompute calls (no state is kept between images).
-    global _SIFT
-    if _SIFT is None:
-        _SIFT = cv2.SIFT_create()
-    return _SIFT
+    # One detector per thread: the server matches in a thread pool, and an
+    # OpenCV algorithm object is not documented as safe to share across threads.
+    sift = getattr(_LOCAL, "sift", None)
+    if sift is None:
+        sift = _LOCAL.sift = cv2.SIFT_create()
+    return sift
 
 
 def decode_gray(data: bytes) -> np.ndarray | None:
@@ -79,3 +80,29 @@ def sift_features(gray: np.ndarray, max_side: int = MAX_SIDE) -> Features:
         return Features(np.zeros((0, 2), np.float32), np.zeros((0, 128), np.float32), scale, w, h)
     xy = np.array([kp.pt for kp in keypoints], dtype=np.float32) / scale
     return Features(xy, desc.astype(np.float32, copy=False), scale, w, h)
+
+
+def to_matching_space(descriptors: np.ndarray) -> np.ndarray:
+    """SIFT descriptors as float32 RootSIFT (Arandjelovic & Zisserman 2012).
+
+    L1-normalise then square-root: Euclidean distance then compares histograms
+    with the Hellinger kernel, which matches more true pairs for the same
+    number of false ones. The gallery keeps raw uint8 SIFT; this runs at load.
+    """
+    d = descriptors.astype(np.float32)
+    d /= np.maximum(d.sum(axis=1, keepdims=True), 1e-6)
+    return np.sqrt(d)
+
+
+FLANN_SEED = 20261124
+
+
+def flann_index(descriptors: np.ndarray) -> cv2.flann_Index:
+    """A FLANN randomised kd-forest over float32 descriptors, the same on every run.
+
+    FLANN draws its split dimensions from OpenCV's per-thread RNG; seeding it
+    right before the build makes galleries and match results reproducible, so
+    a gate calibrated on one machine means the same on another.
+    """
+    cv2.setRNGSeed(FLANN_SEED)
+    return cv2.flann_Index(descriptors, dict(algorithm=1, trees=4))

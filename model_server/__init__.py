@@ -18,11 +18,14 @@ codes and messages (copied from TF Serving's sources), typed output fields.
 Not implemented: Classify, Regress, MultiInference and
 HandleReloadConfigRequest (UNIMPLEMENTED); the REST API (--rest_api_port is
 accepted and ignored); polling for new versions or config changes (restart to
-pick them up); server-side batching (--enable_batching and
---batching_parameters_file are read and checked, but calls run one by one,
-concurrently); run timeouts from the call deadline.
+pick them up); padding of variable-length inputs when batching; run timeouts
+from the call deadline; warm-up requests from assets.extra.
+
+Server-side batching (--enable_batching, --batching_parameters_file) follows
+TF Serving's BatchingSession: see model_server.batch_scheduler.
 
 Modules: config (models.config, version folders), batching (batching
-parameters), repository (loaded servables, lookups), predict (the three calls
-on protos), errors (typed errors, status mapping), servicer (gRPC).
+parameters), batch_scheduler (merging calls into batches), repository (loaded
+servables, lookups), predict (the three calls on protos), errors (typed
+errors, status mapping), servicer (gRPC).
 """

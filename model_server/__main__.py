@@ -24,6 +24,8 @@ from google.protobuf import text_format
 from common.logs import log_event
 from common.runner import run_service
 from common.server import GrpcServer, ServerSettings, add_server_arguments, env
+from model_server.batching import read_batching_parameters
+from model_server.config import load_model_server_config, parse_prefix_map, plan_models, single_model_config
 
 logger = logging.getLogger("carrecog.model_server")
 PREFIX = "MODEL_SERVER"
@@ -68,8 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="PREFIX=LOCAL_DIR: rewrite base paths starting with PREFIX (e.g. the container's "
                              "/models) to LOCAL_DIR; repeat or comma-separate for several (not a TF Serving flag) "
                              f"(${PREFIX}_MODEL_BASE_PATH_PREFIX_MAP)")
-    flag("enable_batching", "accepted and checked like TF Serving; requests are not batched across calls",
-         boolean=True)
+    flag("enable_batching", "merge concurrent Predict calls on one signature into batches", boolean=True)
     flag("batching_parameters_file", "text-format BatchingParameters (needs --enable_batching)")
     flag("allow_version_labels_for_unavailable_models",
          "allow version_labels in the config at start-up (TF Serving rejects them otherwise)", boolean=True)
@@ -123,23 +124,21 @@ class ModelServerSettings:
 
 async def serve(settings: ModelServerSettings) -> None:
     """Check the config, bind (health NOT_SERVING), load every model, then SERVING until SIGTERM."""
-    from model_server.batching import read_batching_parameters
-    from model_server.config import load_model_server_config, parse_prefix_map, plan_models, single_model_config
-
     config = (load_model_server_config(settings.model_config_file) if settings.model_config_file
               else single_model_config(settings.model_name, settings.model_base_path or ""))
     plans = plan_models(config, parse_prefix_map(settings.prefix_map),
                         settings.allow_version_labels_for_unavailable_models)
     batching = read_batching_parameters(settings.enable_batching, settings.batching_parameters_file)
     if batching is not None:
-        log_event(logger, "batching parameters read; calls are not batched by this stand-in",
-                  parameters=text_format.MessageToString(batching, as_one_line=True))
+        log_event(logger, "batching enabled", parameters=text_format.MessageToString(batching, as_one_line=True))
     if settings.rest_api_port:
         log_event(logger, "rest_api_port ignored: this stand-in serves gRPC only", logging.WARNING,
                   rest_api_port=settings.rest_api_port)
 
-    import tensorflow as tf  # heavy: only once the configuration is known to be good
+    # TensorFlow is slow to import: only once the configuration is known to be good.
+    import tensorflow as tf
 
+    from model_server.batch_scheduler import BatchScheduler
     from model_server.repository import ModelRepository
     from model_server.servicer import MODEL_SERVICE, PREDICTION_SERVICE, add_servicers
 
@@ -149,7 +148,7 @@ async def serve(settings: ModelServerSettings) -> None:
     # One thread per in-flight call, like TF Serving's synchronous gRPC server.
     executor = ThreadPoolExecutor(max_workers=settings.server.max_concurrent_rpcs, thread_name_prefix="tf")
     server = GrpcServer("model_server", settings.server, [PREDICTION_SERVICE, MODEL_SERVICE])
-    add_servicers(server.server, repository, executor)
+    add_servicers(server.server, repository, executor, BatchScheduler(batching) if batching is not None else None)
     await server.start()
     try:
         await asyncio.get_running_loop().run_in_executor(executor, repository.load_all)

@@ -6,9 +6,7 @@ tensorflow-serving-api wheel does not ship that message, so it is declared here
 from the same field names and types; only text format is read, so field numbers
 do not matter.
 
-This stand-in parses and checks the parameters so that the docker-compose
-command line means the same to both servers, but it does not batch requests
-across calls: each Predict runs on its own, concurrently in a thread pool.
+model_server.batch_scheduler batches Predict calls with these parameters.
 """
 from __future__ import annotations
 

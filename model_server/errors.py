@@ -33,6 +33,10 @@ class FailedPrecondition(ServingError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class Unavailable(ServingError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
 class Unimplemented(ServingError):
     code = grpc.StatusCode.UNIMPLEMENTED
 

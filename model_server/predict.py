@@ -18,6 +18,7 @@ from tensorflow.core.framework import tensor_pb2, types_pb2
 from tensorflow.core.protobuf import error_codes_pb2, meta_graph_pb2
 from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2, predict_pb2
 
+from model_server.batch_scheduler import BatchScheduler
 from model_server.errors import FailedPrecondition, InvalidArgument, NotFound
 from model_server.repository import ModelRepository, Servable
 
@@ -102,7 +103,8 @@ def _output_aliases(signature: meta_graph_pb2.SignatureDef, request: predict_pb2
     return seen or list(signature.outputs)
 
 
-def predict(repository: ModelRepository, request: predict_pb2.PredictRequest) -> predict_pb2.PredictResponse:
+def predict(repository: ModelRepository, request: predict_pb2.PredictRequest,
+            batcher: BatchScheduler | None = None) -> predict_pb2.PredictResponse:
     if not request.HasField("model_spec"):
         raise InvalidArgument("Missing ModelSpec")
     servable = repository.resolve(request.model_spec)
@@ -117,7 +119,9 @@ def predict(repository: ModelRepository, request: predict_pb2.PredictRequest) ->
     response.model_spec.version.value = servable.version
     feeds = _input_values(signature, request)
     aliases = _output_aliases(signature, request)
-    outputs = function(**feeds)  # a TF runtime error (e.g. undecodable image) propagates as tf.errors.*
+    # A TF runtime error (e.g. an undecodable image) propagates as tf.errors.*.
+    outputs = (batcher.run((servable.name, servable.version, signature_name), function, feeds) if batcher
+               else function(**feeds))
     for alias in aliases:
         response.outputs[alias].CopyFrom(tensor_to_proto(outputs[alias]))
     return response

@@ -16,6 +16,7 @@ from tensorflow_serving.apis import (model_service_pb2, model_service_pb2_grpc, 
                                      prediction_service_pb2_grpc)
 
 from model_server import predict
+from model_server.batch_scheduler import BatchScheduler
 from model_server.errors import Unimplemented, status_of
 from model_server.repository import ModelRepository
 
@@ -45,12 +46,14 @@ def _not_implemented(method: str) -> Unimplemented:
 
 
 class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
-    def __init__(self, repository: ModelRepository, executor: Executor | None = None) -> None:
+    def __init__(self, repository: ModelRepository, executor: Executor | None = None,
+                 batcher: BatchScheduler | None = None) -> None:
         self._repository = repository
         self._executor = executor
+        self._batcher = batcher
 
     async def Predict(self, request, context):
-        return await _serve(context, self._executor, predict.predict, self._repository, request)
+        return await _serve(context, self._executor, predict.predict, self._repository, request, self._batcher)
 
     async def GetModelMetadata(self, request, context):
         return await _serve(context, self._executor, predict.get_model_metadata, self._repository, request)
@@ -77,7 +80,8 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
         await context.abort(*status_of(_not_implemented("HandleReloadConfigRequest")))
 
 
-def add_servicers(server: grpc.aio.Server, repository: ModelRepository, executor: Executor | None) -> None:
+def add_servicers(server: grpc.aio.Server, repository: ModelRepository, executor: Executor | None,
+                  batcher: BatchScheduler | None = None) -> None:
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-        PredictionServicer(repository, executor), server)
+        PredictionServicer(repository, executor, batcher), server)
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(repository, executor), server)

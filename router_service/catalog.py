@@ -58,13 +58,15 @@ class ModelCatalog:
         for model in self.models.values():
             if only_unavailable and model.available:
                 continue
+            was = (model.available, model.error)
             try:
                 await self.client.discover(model, timeout)
                 log_event(logger, "model discovered", model=model.name, version=model.version,
                           signature=model.signature, classes=len(model.labels), input=model.input_key)
             except grpc.aio.AioRpcError as exc:
                 model.available, model.error = False, f"{exc.code().name}: {exc.details()}"
-                log_event(logger, "model unavailable", logging.WARNING, model=model.name, error=model.error)
+                if (model.available, model.error) != was:  # say it once, not on every re-check
+                    log_event(logger, "model unavailable", logging.WARNING, model=model.name, error=model.error)
             except ModelSignatureError as exc:
                 model.available, model.error = False, str(exc)
                 log_event(logger, "model rejected", logging.ERROR, model=model.name, error=model.error)

@@ -10,7 +10,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -24,7 +26,9 @@ from tensorflow_serving.apis import (classification_pb2, get_model_metadata_pb2,
                                      model_service_pb2_grpc, predict_pb2, prediction_service_pb2_grpc)
 
 from model_server.__main__ import build_parser
-from model_server.batching import read_batching_parameters
+from model_server.batch_scheduler import BatchScheduler
+from model_server.batching import BatchingParameters, read_batching_parameters
+from model_server.errors import InvalidArgument, Unavailable
 from model_server.config import (ConfigError, find_versions, load_model_server_config, local_base_path,
                                  parse_prefix_map, plan_models)
 
@@ -276,6 +280,20 @@ def test_wrong_input_key_or_dtype_is_invalid_argument(predictions):
     assert error.details() == "Expects arg[0] to be string but float is provided"
 
 
+def test_concurrent_calls_are_batched_and_each_gets_its_own_rows(predictions):
+    images = photos(6)
+    alone = [tf.make_ndarray(predictions.Predict(predict_request(images=[image]), timeout=30).outputs["probabilities"])
+             for image in images]
+    with ThreadPoolExecutor(len(images)) as pool:
+        together = list(pool.map(lambda image: predictions.Predict(predict_request(images=[image]), timeout=30),
+                                 images))
+    for single, response in zip(alone, together):
+        np.testing.assert_allclose(tf.make_ndarray(response.outputs["probabilities"]), single, rtol=1e-5)
+    error = rpc_error(predictions.Predict, predict_request(images=photos(9)))  # max_batch_size is 8
+    assert (error.code(), error.details()) == (Code.INVALID_ARGUMENT,
+                                               "Task size 9 is larger than maximum input batch size 8")
+
+
 def test_other_prediction_methods_are_unimplemented(predictions):
     error = rpc_error(predictions.Classify, classification_pb2.ClassificationRequest(model_spec={"name": "cars"}))
     assert error.code() == Code.UNIMPLEMENTED
@@ -356,3 +374,53 @@ def test_a_bad_config_fails_fast_naming_the_problem(tmp_path):
                              "--port=0"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert f"Could not find base path {tmp_path / 'none'} for servable default" in result.stderr
+
+
+# Batching, in process, with a recording function in place of a model.
+
+def scheduler(text: str) -> BatchScheduler:
+    from google.protobuf import text_format
+    return BatchScheduler(text_format.Parse(text, BatchingParameters()))
+
+
+def test_batch_scheduler_merges_pads_and_splits():
+    batcher = scheduler("max_batch_size { value: 8 } batch_timeout_micros { value: 300000 } "
+                        "allowed_batch_sizes: 4 allowed_batch_sizes: 8")
+    seen = []
+
+    def double(x):
+        seen.append(int(x.shape[0]))
+        return {"y": x * 2}
+
+    start = threading.Barrier(3)
+
+    def call(value: int):
+        start.wait()
+        return batcher.run("m", double, {"x": tf.constant([value, value + 100])})["y"].numpy().tolist()
+
+    with ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(call, [1, 2, 3]))
+    assert results == [[2, 202], [4, 204], [6, 206]]
+    assert seen == [8]  # 3 calls x 2 rows, padded up to the allowed size 8
+
+
+def test_batch_scheduler_refuses_work_beyond_its_queue():
+    batcher = scheduler("max_batch_size { value: 1 } max_enqueued_batches { value: 1 } num_batch_threads { value: 1 }")
+    running, release = threading.Event(), threading.Event()
+
+    def slow(x):
+        running.set()
+        release.wait(10)
+        return {"y": x}
+
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(batcher.run, "m", slow, {"x": tf.constant([1])})
+        assert running.wait(10)
+        second = pool.submit(batcher.run, "m", slow, {"x": tf.constant([2])})  # waits in the queue
+        time.sleep(0.2)
+        with pytest.raises(Unavailable, match="queue to which this task was submitted is full"):
+            batcher.run("m", slow, {"x": tf.constant([3])})
+        release.set()
+        assert (first.result()["y"].numpy().tolist(), second.result()["y"].numpy().tolist()) == ([1], [2])
+    with pytest.raises(InvalidArgument, match="at least one dimension"):
+        batcher.run("m", slow, {"x": tf.constant(1)})

@@ -133,7 +133,7 @@ def evaluate(export_dir: Path, model: keras.Model, classes: list[data.ClassInfo]
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", required=True, help="training run folder (ckpt.json + last.keras)")
+    p.add_argument("--run", required=True, help="training run folder (ckpt.json + its epoch-<N>.keras)")
     p.add_argument("--model-name", required=True, help="TF Serving model name, e.g. global or audi")
     p.add_argument("--version", type=int, required=True)
     p.add_argument("--base", default="serving_models", help="TF Serving model base folder")

@@ -9,8 +9,9 @@ learns only the classes whose make is one of that brand's "makes", and may start
 its trunk from another run's checkpoint (--init-from).
 
 A run folder holds, rewritten after every epoch:
-    last.keras   the model with its optimizer state (for --resume)
-    ckpt.json    config, classes, preprocessing, epoch, per-epoch metrics, timings
+    epoch-<N>.keras  the model with its optimizer state (for --resume), only the last epoch's
+    ckpt.json        config, classes, preprocessing, epoch, per-epoch metrics, timings,
+                     and "checkpoint": the name of that .keras file
 `training/export.py` turns a run folder into a TF Serving SavedModel.
 """
 from __future__ import annotations
@@ -47,6 +48,7 @@ class Config:
     warmup_epochs: float = 1.0
     weight_decay: float = 0.05  # not applied to biases and BatchNorm parameters
     label_smoothing: float = 0.1
+    bn_momentum: float = 0.9  # Keras' 0.99 lags far behind on runs of a few hundred steps
     seed: int = 0
     out: str = "runs/global"
     init_from: str | None = None  # a run folder whose trunk initialises this model
@@ -62,13 +64,16 @@ def makes_for(model: str) -> list[str] | None:
     return list(plugins[model].makes)
 
 
-def build_model(arch: str, size: int, num_classes: int) -> keras.Model:
+def build_model(arch: str, size: int, num_classes: int, bn_momentum: float = 0.9) -> keras.Model:
     """Trunk (layer "trunk", global-average-pooled features) + Dense softmax "head"."""
     if arch != "resnet50":
         raise ValueError(f"unknown arch {arch!r}; known: {ARCHS}")
     trunk = keras.applications.ResNet50(
         weights=None, include_top=False, pooling="avg", input_shape=(size, size, 3), name="trunk"
     )
+    for layer in trunk.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = bn_momentum
     inputs = keras.Input((size, size, 3), name="image")
     outputs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name="head")(trunk(inputs))
     return keras.Model(inputs, outputs, name=f"{arch}_{num_classes}")
@@ -101,16 +106,21 @@ def write_json(path: Path, obj: dict) -> None:
 
 
 def save_checkpoint(out: Path, model: keras.Model, state: dict) -> None:
-    """Write last.keras then ckpt.json, each atomically (json last: it names a complete epoch)."""
+    """Write epoch-<N>.keras, then ckpt.json naming it (atomically), then drop older
+    epoch files: whenever the process dies, ckpt.json names a complete, matching file."""
     out.mkdir(parents=True, exist_ok=True)
-    model.save(out / "last.tmp.keras")
-    os.replace(out / "last.tmp.keras", out / "last.keras")
-    write_json(out / "ckpt.json", state)
+    name = f"epoch-{state['epoch']}.keras"
+    model.save(out / name)
+    write_json(out / "ckpt.json", {**state, "checkpoint": name})
+    for old in out.glob("epoch-*.keras"):
+        if old.name != name:
+            old.unlink()
 
 
 def load_checkpoint(run: Path, compile: bool = False) -> tuple[keras.Model, dict]:
+    """The model (with optimizer state if compile) and the state of a run's last epoch."""
     state = json.loads((Path(run) / "ckpt.json").read_text())
-    return keras.models.load_model(Path(run) / "last.keras", compile=compile), state
+    return keras.models.load_model(Path(run) / state["checkpoint"], compile=compile), state
 
 
 def new_state(cfg: Config, classes: list[data.ClassInfo], photos: list[Photo]) -> dict:
@@ -146,7 +156,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
         model, state = load_checkpoint(out, compile=True)
         print(f"resuming {out} after epoch {state['epoch']}", flush=True)
     else:
-        model = build_model(cfg.arch, cfg.size, len(classes))
+        model = build_model(cfg.arch, cfg.size, len(classes), cfg.bn_momentum)
         if cfg.init_from:
             source, _ = load_checkpoint(Path(cfg.init_from))
             model.get_layer("trunk").set_weights(source.get_layer("trunk").get_weights())
@@ -192,7 +202,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, bool]:
     p.add_argument("--arch", default=defaults.arch, choices=ARCHS)
     for name in ("size", "epochs", "batch", "seed"):
         p.add_argument(f"--{name}", type=int, default=getattr(defaults, name))
-    for name in ("lr", "warmup_epochs", "weight_decay", "label_smoothing"):
+    for name in ("lr", "warmup_epochs", "weight_decay", "label_smoothing", "bn_momentum"):
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=float, default=getattr(defaults, name))
     p.add_argument("--out", default=None, help="run folder (default runs/<model>)")
     p.add_argument("--init-from", default=None, help="run folder whose trunk initialises this model")

@@ -1,0 +1,174 @@
+"""Match one photo against the whole logo gallery: SIFT, one FLANN index, ratio tests, RANSAC.
+
+Pure synchronous code; the gRPC server runs `LogoMatcher.match` in a thread
+pool so SIFT never blocks its event loop.
+
+Pipeline, and why each step:
+1. SIFT on the photo (shrunk to MAX_SIDE first; keypoints mapped back to the
+   original pixels, so the box is in the caller's coordinates).
+2. k nearest gallery keypoints from ONE FLANN index over every brand's
+   exemplars: one search per photo however many brands there are.
+3. A neighbour is a good match when (a) it belongs to the same brand as the
+   nearest neighbour and is clearly closer than the nearest keypoint of any
+   other brand (Lowe's ratio test, made brand-aware so that many exemplars of
+   the same emblem do not veto each other), and (b) it is clearly closer than
+   the gallery keypoint's own nearest descriptor among the other makes' train
+   photos (`neg_distance`), so generic structure (wheels, glass, tarmac) that
+   every car has does not count.
+4. Good matches are grouped by exemplar; the exemplars with most matches are
+   verified with a RANSAC homography; inliers are counted as distinct points.
+5. Candidates are the best exemplar per brand, ranked by inliers.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from logo_service.features import MAX_SIDE, decode_gray, flann_index, sift_features, to_matching_space
+from logo_service.gallery import Gallery
+
+
+@dataclass(frozen=True)
+class MatcherParams:
+    neighbors: int = 16  # k for the gallery search (16 beat 8 on val: more same-brand exemplars per keypoint)
+    ratio: float = 0.9  # to the nearest keypoint of another brand in the gallery
+    neg_ratio: float = 0.9  # to the keypoint's nearest other-make train descriptor
+    candidates: int = 8  # exemplars verified with RANSAC per photo
+    min_matches: int = 5  # an exemplar needs this many good matches to be verified
+    ransac_px: float = 5.0  # reprojection threshold, in the photo's pixels
+    flann_checks: int = 32
+    max_side: int = MAX_SIDE
+
+
+@dataclass(frozen=True)
+class Box:
+    x_min: int
+    y_min: int
+    x_max: int
+    y_max: int
+
+
+@dataclass(frozen=True)
+class Candidate:
+    brand: str
+    brand_name: str
+    inliers: int
+    good_matches: int
+    score: float  # inliers / good_matches of the winning exemplar
+    box: Box
+    exemplar: str
+
+
+@dataclass(frozen=True)
+class MatchResult:
+    candidates: list[Candidate]  # best exemplar per brand, most inliers first
+    query_keypoints: int
+    width: int
+    height: int
+    match_ms: float
+
+    @property
+    def best(self) -> Candidate | None:
+        return self.candidates[0] if self.candidates else None
+
+    def runner_up_inliers(self) -> int:
+        """Inliers of the best OTHER brand (0 if none): the margin a gate may demand."""
+        return self.candidates[1].inliers if len(self.candidates) > 1 else 0
+
+
+class UndecodableImage(ValueError):
+    """OpenCV could not decode the bytes (the header looked fine but the pixels did not)."""
+
+
+class LogoMatcher:
+    """Holds the gallery and its FLANN index; `match` may be called from several threads."""
+
+    def __init__(self, gallery: Gallery, params: MatcherParams = MatcherParams()) -> None:
+        self.gallery = gallery
+        self.params = params
+        self._brand_of_kp = gallery.exemplar_brand[gallery.exemplar]
+        self._xy = gallery.xy
+        self._neg = gallery.neg_distance
+        # The index is built once; searching it does not modify it.
+        self._index = flann_index(to_matching_space(gallery.descriptors))
+
+    def match(self, image_bytes: bytes) -> MatchResult:
+        started = time.perf_counter()
+        gray = decode_gray(image_bytes)
+        if gray is None:
+            raise UndecodableImage("OpenCV could not decode the image pixels: send a valid JPEG or PNG")
+        return self.match_gray(gray, started)
+
+    def match_gray(self, gray: np.ndarray, started: float | None = None) -> MatchResult:
+        started = time.perf_counter() if started is None else started
+        feats = sift_features(gray, self.params.max_side)
+        h, w = gray.shape[:2]
+        candidates = self._candidates(feats.xy, feats.descriptors, w, h) if len(feats.xy) >= 2 else []
+        ms = (time.perf_counter() - started) * 1000.0
+        return MatchResult(candidates, len(feats.xy), w, h, ms)
+
+    def _good_matches(self, desc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(query index, gallery index) pairs that pass both ratio tests."""
+        p = self.params
+        k = min(p.neighbors, len(self._xy))
+        nn, sq = self._index.knnSearch(to_matching_space(desc), k, params=dict(checks=p.flann_checks))
+        dist = np.sqrt(np.maximum(sq, 0.0))
+        brand = self._brand_of_kp[nn]
+        same = brand == brand[:, :1]
+        # Nearest other-brand keypoint; when all k neighbours share a brand it is
+        # at least as far as the k-th one, so use that (a conservative bound).
+        d_other = np.where(same, np.inf, dist).min(axis=1)
+        d_other = np.where(np.isinf(d_other), dist[:, -1] / p.ratio + 1e-6, d_other)
+        ok = same & (dist < p.ratio * d_other[:, None]) & (dist < p.neg_ratio * self._neg[nn])
+        qi, col = np.nonzero(ok)
+        return qi, nn[qi, col]
+
+    def _candidates(self, qxy: np.ndarray, desc: np.ndarray, w: int, h: int) -> list[Candidate]:
+        p, g = self.params, self.gallery
+        qi, gi = self._good_matches(desc)
+        if len(qi) == 0:
+            return []
+        ex = g.exemplar[gi]
+        # One correspondence per (query keypoint, exemplar): the nearest one.
+        _, first = np.unique(qi.astype(np.int64) * len(g.exemplar_names) + ex, return_index=True)
+        qi, gi, ex = qi[first], gi[first], ex[first]
+        ids, counts = np.unique(ex, return_counts=True)
+        order = np.argsort(-counts, kind="stable")[: p.candidates]
+        best: dict[int, Candidate] = {}
+        for e, n in zip(ids[order], counts[order]):
+            if n < p.min_matches:
+                break
+            rows = ex == e
+            verified = self._verify(qxy[qi[rows]], self._xy[gi[rows]], w, h)
+            if verified is None:
+                continue
+            inliers, box = verified
+            b = int(g.exemplar_brand[e])
+            if b not in best or inliers > best[b].inliers:
+                best[b] = Candidate(brand=str(g.brand_slugs[b]), brand_name=str(g.brand_names[b]),
+                                    inliers=inliers, good_matches=int(n), score=inliers / int(n),
+                                    box=box, exemplar=str(g.exemplar_names[e]))
+        return sorted(best.values(), key=lambda c: (-c.inliers, -c.score))
+
+    def _verify(self, src: np.ndarray, dst: np.ndarray, w: int, h: int) -> tuple[int, Box] | None:
+        """RANSAC homography exemplar -> photo; distinct inlier count and their box, or None."""
+        H, mask = cv2.findHomography(dst, src, cv2.RANSAC, self.params.ransac_px)
+        if H is None or mask is None:
+            return None
+        # A mirror image or a collapse to a line is never a real emblem.
+        det = float(np.linalg.det(H[:2, :2]))
+        if not (1e-3 < det < 1e3):
+            return None
+        inl = mask.ravel().astype(bool)
+        pts = src[inl]
+        # SIFT puts several keypoints (orientations) at one spot; count spots.
+        inliers = min(len(np.unique(np.round(pts), axis=0)), len(np.unique(np.round(dst[inl]), axis=0)))
+        if inliers == 0:
+            return None
+        x0, y0 = np.floor(pts.min(axis=0)).astype(int)
+        x1, y1 = np.ceil(pts.max(axis=0)).astype(int)
+        box = Box(max(0, int(x0)), max(0, int(y0)), min(w - 1, int(x1)), min(h - 1, int(y1)))
+        return inliers, box
