@@ -7,7 +7,7 @@ STUBS := carrecog/v1/recognition_service_pb2.py
 PROTOS := $(wildcard protos/carrecog/v1/*.proto)
 IMAGES ?=
 
-.PHONY: venv protos run test test-slow lint-protos evaluate clean
+.PHONY: venv protos gallery run test test-slow lint-protos evaluate clean
 
 venv: $(STAMP)
 $(STAMP): requirements.txt
@@ -22,13 +22,18 @@ $(STUBS): $(PROTOS) $(STAMP)
 	$(PY) -m grpc_tools.protoc -I protos --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)
 	touch $@
 
-run: protos
+# The logo service's SIFT gallery, mined from the shared train photos; cached in
+# $$CARRECOG_CACHE_DIR (default ~/.cache/carrecog) by fingerprint, so this is a no-op once built.
+gallery: protos
+	$(PY) -m logo_service.gallery build
+
+run: protos gallery
 	$(PY) -m scripts.run_stack $(IMAGES)
 
-test: protos lint-protos
+test: protos lint-protos gallery
 	$(PY) -m pytest -q
 
-test-slow: protos
+test-slow: protos gallery
 	$(PY) -m pytest -q -m slow
 
 # buf (pinned in package.json) lints the contracts with the STANDARD rules (buf.yaml).

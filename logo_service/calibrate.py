@@ -15,6 +15,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import platform
 import statistics
 import sys
@@ -151,7 +152,8 @@ def main(argv: list[str] | None = None) -> None:
                     "exemplars": int(len(gallery.exemplar_names)), **json.loads(gallery.build_info)},
         "matcher": asdict(matcher.params),
         "command": "python -m logo_service.calibrate",
-        "machine": f"{platform.machine()}, {platform.python_version()}, opencv {cv2.__version__}, one thread",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}, "
+                   f"opencv {cv2.__version__}, one thread",
         "seconds": round(time.perf_counter() - started, 1),
     }
     args.out.write_text(json.dumps(report, indent=1) + "\n")

@@ -16,6 +16,7 @@ import numpy as np
 # shared photos are <= 400 px, so 640 keeps them untouched while a 12 MP phone
 # photo costs ~10x less. SIFT is scale invariant, so emblems still match.
 MAX_SIDE = 640
+FLANN_SEED = 20261124  # see flann_index
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,9 @@ def sift_features(gray: np.ndarray, max_side: int = MAX_SIDE) -> Features:
     keypoints, desc = _sift().detectAndCompute(work, None)
     if desc is None or not keypoints:
         return Features(np.zeros((0, 2), np.float32), np.zeros((0, 128), np.float32), scale, w, h)
-    xy = np.array([kp.pt for kp in keypoints], dtype=np.float32) / scale
+    # Per-axis factors: the shrunk size was rounded to whole pixels.
+    factors = np.array([w / work.shape[1], h / work.shape[0]], dtype=np.float32)
+    xy = np.array([kp.pt for kp in keypoints], dtype=np.float32) * factors
     return Features(xy, desc.astype(np.float32, copy=False), scale, w, h)
 
 
@@ -92,9 +95,6 @@ def to_matching_space(descriptors: np.ndarray) -> np.ndarray:
     d = descriptors.astype(np.float32)
     d /= np.maximum(d.sum(axis=1, keepdims=True), 1e-6)
     return np.sqrt(d)
-
-
-FLANN_SEED = 20261124
 
 
 def flann_index(descriptors: np.ndarray) -> cv2.flann_Index:

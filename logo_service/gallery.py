@@ -14,7 +14,7 @@ Per exemplar only the most brand-distinctive keypoints are kept
 (neg_distance / distance to the nearest same-brand keypoint of another photo),
 so the gallery stays small and fast.
 
-Saved as a plain `.npz` (no pickle) under .cache/logo_gallery/, named by a
+Saved as a plain `.npz` (no pickle) under $CARRECOG_CACHE_DIR/logo_gallery/ (default ~/.cache/carrecog), named by a
 fingerprint of plugins + photos + parameters + OpenCV version, so it is built
 once and rebuilt automatically when anything it depends on changes.
 
@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import time
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -42,7 +43,9 @@ from training.split import Photo, data_dir, load_split
 
 logger = logging.getLogger("carrecog.logo.gallery")
 
-DEFAULT_CACHE_DIR = Path(__file__).resolve().parent.parent / ".cache" / "logo_gallery"
+# Outside the checkout by default, like pip's cache: a fresh clone on the same machine
+# (CI, a second worktree) reuses a gallery whose fingerprint matches instead of re-mining.
+DEFAULT_CACHE_DIR = Path(os.environ.get("CARRECOG_CACHE_DIR", Path.home() / ".cache" / "carrecog")) / "logo_gallery"
 FORMAT_VERSION = 2  # bump when the build logic changes in a way the parameters do not capture
 
 
@@ -237,7 +240,10 @@ def cached_gallery(plugins: dict[str, BrandPlugin], photos: Sequence[Photo], cac
     """The gallery for exactly these plugins, photos and parameters: loaded, or built and saved."""
     path = cache_dir / f"gallery-{fingerprint(plugins, photos, params)}.npz"
     if path.is_file() and not force:
-        return Gallery.load(path), path
+        try:
+            return Gallery.load(path), path
+        except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as exc:
+            logger.warning("cached gallery %s is unreadable (%s); rebuilding it", path, exc)
     logger.info("building logo gallery %s (no cached copy)", path)
     gallery = build_gallery(plugins, photos, params)
     gallery.save(path)

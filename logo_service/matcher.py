@@ -38,7 +38,7 @@ class MatcherParams:
     neg_ratio: float = 0.9  # to the keypoint's nearest other-make train descriptor
     candidates: int = 8  # exemplars verified with RANSAC per photo
     min_matches: int = 5  # an exemplar needs this many good matches to be verified
-    ransac_px: float = 5.0  # reprojection threshold, in the photo's pixels
+    ransac_px: float = 5.0  # reprojection threshold, in pixels of the (shrunk) photo SIFT saw
     flann_checks: int = 32
     max_side: int = MAX_SIDE
 
@@ -106,7 +106,7 @@ class LogoMatcher:
         started = time.perf_counter() if started is None else started
         feats = sift_features(gray, self.params.max_side)
         h, w = gray.shape[:2]
-        candidates = self._candidates(feats.xy, feats.descriptors, w, h) if len(feats.xy) >= 2 else []
+        candidates = self._candidates(feats.xy, feats.scale, feats.descriptors, w, h) if len(feats.xy) >= 2 else []
         ms = (time.perf_counter() - started) * 1000.0
         return MatchResult(candidates, len(feats.xy), w, h, ms)
 
@@ -126,7 +126,8 @@ class LogoMatcher:
         qi, col = np.nonzero(ok)
         return qi, nn[qi, col]
 
-    def _candidates(self, qxy: np.ndarray, desc: np.ndarray, w: int, h: int) -> list[Candidate]:
+    def _candidates(self, qxy: np.ndarray, scale: float, desc: np.ndarray, w: int, h: int) -> list[Candidate]:
+        """Best verified exemplar per brand. qxy: original pixels; scale: SIFT's working size / original."""
         p, g = self.params, self.gallery
         qi, gi = self._good_matches(desc)
         if len(qi) == 0:
@@ -142,7 +143,7 @@ class LogoMatcher:
             if n < p.min_matches:
                 break
             rows = ex == e
-            verified = self._verify(qxy[qi[rows]], self._xy[gi[rows]], w, h)
+            verified = self._verify(qxy[qi[rows]], scale, self._xy[gi[rows]], w, h)
             if verified is None:
                 continue
             inliers, box = verified
@@ -153,9 +154,14 @@ class LogoMatcher:
                                     box=box, exemplar=str(g.exemplar_names[e]))
         return sorted(best.values(), key=lambda c: (-c.inliers, -c.score))
 
-    def _verify(self, src: np.ndarray, dst: np.ndarray, w: int, h: int) -> tuple[int, Box] | None:
-        """RANSAC homography exemplar -> photo; distinct inlier count and their box, or None."""
-        H, mask = cv2.findHomography(dst, src, cv2.RANSAC, self.params.ransac_px)
+    def _verify(self, src: np.ndarray, scale: float, dst: np.ndarray, w: int, h: int) -> tuple[int, Box] | None:
+        """RANSAC homography exemplar -> photo; distinct inlier count and their box, or None.
+
+        RANSAC and the distinct-point count work at SIFT's working scale, where
+        the threshold was calibrated; only the box is in original pixels.
+        """
+        work = src * np.float32(scale)
+        H, mask = cv2.findHomography(dst, work, cv2.RANSAC, self.params.ransac_px)
         if H is None or mask is None:
             return None
         # A mirror image or a collapse to a line is never a real emblem.
@@ -163,9 +169,9 @@ class LogoMatcher:
         if not (1e-3 < det < 1e3):
             return None
         inl = mask.ravel().astype(bool)
-        pts = src[inl]
         # SIFT puts several keypoints (orientations) at one spot; count spots.
-        inliers = min(len(np.unique(np.round(pts), axis=0)), len(np.unique(np.round(dst[inl]), axis=0)))
+        inliers = min(len(np.unique(np.round(work[inl]), axis=0)), len(np.unique(np.round(dst[inl]), axis=0)))
+        pts = src[inl]
         if inliers == 0:
             return None
         x0, y0 = np.floor(pts.min(axis=0)).astype(int)

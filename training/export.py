@@ -41,6 +41,13 @@ ARCHITECTURE = {
 }
 
 
+def _float16(variable: keras.Variable) -> tf.Variable:
+    value = variable.numpy().astype(np.float16)
+    if not np.isfinite(value).all():
+        raise ValueError(f"{variable.path} overflows float16 (|x| > 65504)")
+    return tf.Variable(value, trainable=False)
+
+
 class Servable(tf.Module):
     """float16 copies of a Keras model's weights + the serving function.
 
@@ -52,8 +59,8 @@ class Servable(tf.Module):
     def __init__(self, model: keras.Model, labels: list[str], size: int, labels_file: Path):
         super().__init__(name="servable")
         self._plain = SimpleNamespace(model=model, labels=list(labels), size=size)  # not tracked
-        self.trainable_f16 = [tf.Variable(v.numpy().astype(np.float16), trainable=False) for v in model.trainable_variables]
-        self.non_trainable_f16 = [tf.Variable(v.numpy().astype(np.float16), trainable=False) for v in model.non_trainable_variables]
+        self.trainable_f16 = [_float16(v) for v in model.trainable_variables]
+        self.non_trainable_f16 = [_float16(v) for v in model.non_trainable_variables]
         self.labels_asset = tf.saved_model.Asset(str(labels_file))
         self.serve = tf.function(
             self._serve, input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")]
