@@ -130,7 +130,7 @@ def test_sigterm_drains_in_flight_calls_then_exits(make_router):
 
     def call():
         requests = (pb.RecognizeStreamRequest(request=pb.RecognizeRequest(image=images.photo(i), image_id=i))
-                    for i in ["00010", "00011", "00012", "00013"])
+                    for i in ["00007", "00008", "00009", "00010"])
         results["answers"] = list(stub.RecognizeStream(requests, timeout=120))
 
     with channel:

@@ -145,7 +145,7 @@ def test_batch_keeps_good_images_when_one_is_bad(recognition):
 
 
 def test_stream_answers_in_order(recognition):
-    ids = ["00003", "00004", "00005"]
+    ids = ["00003", "00004", "00006"]
     requests = (pb.RecognizeStreamRequest(request=pb.RecognizeRequest(image=images.photo(i), image_id=i)) for i in ids)
     answers = list(recognition.RecognizeStream(requests, timeout=120))
     assert [a.result.image_id for a in answers] == ids
