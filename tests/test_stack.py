@@ -173,3 +173,17 @@ def test_client_prints_one_json_object_per_image(router, logo_hit, tmp_path):
     for line in lines:
         assert {"image", "make", "model", "year", "label", "confidence", "route", "top_k"} <= set(line)
     assert lines[0]["route"] == "brand_model"
+
+
+def test_logo_of_a_brand_without_a_model_falls_back_to_global(recognition, logo_stub, plugins, test_photos):
+    logo_only = {m for p in plugins.values() if p.model is None for m in p.makes}
+    assert logo_only, "expected at least one logo-only plugin (dodge, ford, hyundai)"
+    for photo in [p for p in test_photos if p.make in logo_only]:
+        if logo_stub.MatchLogo(logo_service_pb2.MatchLogoRequest(image=photo.path.read_bytes()), timeout=30).matched:
+            break
+    else:
+        pytest.fail("the logo gate fired on no test photo of a logo-only brand")
+    reply = recognize(recognition, photo.path.read_bytes())
+    assert reply.route == pb.ROUTE_FALLBACK_GLOBAL and reply.logo_matched
+    assert reply.fallback_reason == pb.FALLBACK_REASON_BRAND_WITHOUT_MODEL
+    assert reply.model_name == "global" and "no model plugin" in reply.route_detail
