@@ -44,5 +44,10 @@ node_modules/.bin/buf: package.json
 lint-protos: node_modules/.bin/buf
 	node_modules/.bin/buf lint
 
+# make evaluate [LABELS=<csv> IMAGES_ROOT=<dir>] [OUT=reports/report.json]; no LABELS = the shared test split.
+OUT ?= reports/report.json
+evaluate: protos gallery
+	$(PY) -m training.evaluate $(if $(LABELS),--labels $(LABELS)) $(if $(IMAGES_ROOT),--images-root $(IMAGES_ROOT)) --out $(OUT)
+
 clean:
 	rm -rf carrecog .pytest_cache

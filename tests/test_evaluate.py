@@ -1,0 +1,31 @@
+"""`make evaluate` on a small real subset, against the session's real stack."""
+from __future__ import annotations
+
+import json
+
+from common.data import data_dir
+from training.evaluate import main as evaluate_main
+
+IDS = ["00274", "01752", "03205", "00160", "05353", "00001"]
+
+
+def test_evaluate_writes_json_markdown_and_figures(router, tmp_path):
+    source = data_dir() / "stanford_cars"
+    lines = (source / "labels.csv").read_text().splitlines()
+    subset = [lines[0]] + [line for line in lines[1:] if line.split(",")[0] in IDS]
+    labels = tmp_path / "labels.csv"
+    labels.write_text("\n".join(subset) + "\n")
+    out = tmp_path / "out" / "report.json"
+    assert evaluate_main(["--labels", str(labels), "--images-root", str(source), "--out", str(out),
+                          "--router", router.address]) == 0
+    report = json.loads(out.read_text())
+    assert report["n"] == len(IDS)
+    pipeline = report["pipeline"]
+    for key in ("top1", "top5", "make_top1", "logo_fired", "logo_precision"):
+        assert 0.0 <= pipeline[key] <= 1.0
+    assert pipeline["logo_fired_count"] >= 3  # 00274, 01752, 03205 and 05353 fire in calibration
+    assert report["models"]["global"]["n"] == len(IDS)
+    assert report["models"]["audi"]["n"] == 3  # a brand model is scored on its brand's photos only
+    assert (tmp_path / "out" / "report.md").read_text().startswith("# carrecog evaluation")
+    assert (tmp_path / "out" / "report.pipeline.confusion.png").stat().st_size > 0
+    assert (tmp_path / "out" / "report.global.reliability.png").stat().st_size > 0
