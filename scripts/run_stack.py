@@ -27,7 +27,12 @@ def default_images() -> list[str]:
     return [str(folder / f"{i}.jpg") for i in DEFAULT_IMAGE_IDS if (folder / f"{i}.jpg").exists()]
 
 
+def _stop_on_sigterm(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # so `finally` below stops the services on SIGTERM as on Ctrl-C
+
+
 def main(argv: list[str]) -> int:
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     images = argv or default_images()
     log_dir = ROOT / "runs" / "stack"
     port = lambda name, default: int(os.environ.get(name, default))  # noqa: E731
