@@ -19,6 +19,7 @@ import grpc
 
 from carrecog.v1 import recognition_service_pb2 as pb
 from carrecog.v1 import recognition_service_pb2_grpc as pb_grpc
+from common.channels import tls_credentials
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 
@@ -58,11 +59,7 @@ def channel_for(address: str, ca_file: str | None, cert_file: str | None, key_fi
     options = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
     if not ca_file:
         return grpc.insecure_channel(address, options=options)
-    credentials = grpc.ssl_channel_credentials(
-        Path(ca_file).read_bytes(),
-        Path(key_file).read_bytes() if key_file else None,
-        Path(cert_file).read_bytes() if cert_file else None)
-    return grpc.secure_channel(address, credentials, options=options)
+    return grpc.secure_channel(address, tls_credentials(ca_file, cert_file, key_file), options=options)
 
 
 def main(argv: list[str] | None = None, out: TextIO = sys.stdout) -> int:

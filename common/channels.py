@@ -9,6 +9,15 @@ from common.logs import REQUEST_ID, REQUEST_ID_HEADER
 from common.server import channel_options, env
 
 
+def tls_credentials(ca_file: str, cert_file: str | None = None, key_file: str | None = None) -> grpc.ChannelCredentials:
+    """Channel TLS credentials from PEM files; a client cert and key make it mTLS."""
+    return grpc.ssl_channel_credentials(
+        root_certificates=Path(ca_file).read_bytes(),
+        private_key=Path(key_file).read_bytes() if key_file else None,
+        certificate_chain=Path(cert_file).read_bytes() if cert_file else None,
+    )
+
+
 def downstream_channel(target: str, prefix: str, max_message_bytes: int) -> grpc.aio.Channel:
     """An aio channel to `target`; TLS when <PREFIX>_TLS_CA (and for mTLS the client cert/key) are set.
 
@@ -23,12 +32,7 @@ def downstream_channel(target: str, prefix: str, max_message_bytes: int) -> grpc
     ca = env(f"{prefix}_TLS_CA")
     if not ca:
         return grpc.aio.insecure_channel(target, options=options)
-    cert, key = env(f"{prefix}_TLS_CLIENT_CERT"), env(f"{prefix}_TLS_CLIENT_KEY")
-    credentials = grpc.ssl_channel_credentials(
-        root_certificates=Path(ca).read_bytes(),
-        private_key=Path(key).read_bytes() if key else None,
-        certificate_chain=Path(cert).read_bytes() if cert else None,
-    )
+    credentials = tls_credentials(ca, env(f"{prefix}_TLS_CLIENT_CERT"), env(f"{prefix}_TLS_CLIENT_KEY"))
     server_name = env(f"{prefix}_TLS_SERVER_NAME")
     if server_name:
         options.append(("grpc.ssl_target_name_override", server_name))

@@ -59,8 +59,6 @@ class ServerSettings:
     max_concurrent_rpcs: int = 64
     reflection: bool = False
     grace_seconds: float = 10.0
-    keepalive_time_ms: int = 30_000
-    keepalive_timeout_ms: int = 10_000
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
     tls_client_ca_file: str | None = None  # set: clients must present a cert (mTLS)
@@ -142,10 +140,8 @@ class GrpcServer:
         self.settings = settings
         self.service_names = list(service_names)
         options = channel_options(settings.max_message_bytes) + [
-            ("grpc.keepalive_time_ms", settings.keepalive_time_ms),
-            ("grpc.keepalive_timeout_ms", settings.keepalive_timeout_ms),
-            ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
-            ("grpc.so_reuseport", 0),
+            ("grpc.http2.min_ping_interval_without_data_ms", 5_000),  # accept clients' keepalive pings
+            ("grpc.so_reuseport", 0),  # a second server on a taken port fails instead of sharing it
         ]
         self.server = grpc.aio.server(
             interceptors=[RequestContextInterceptor(), *interceptors],

@@ -64,7 +64,8 @@ class Recognizer:
             raise RecognitionError(grpc.StatusCode.INVALID_ARGUMENT,
                                    f"top_k must be between 1 and {MAX_TOP_K}, got {options.top_k}")
 
-        model, route_set = None, False
+        # Every branch sets response.route; model None means the global model.
+        model = None
         if options.force_model:
             model = self.catalog.find(options.force_model)
             if model is None:
@@ -72,15 +73,12 @@ class Recognizer:
                                        f"unknown model {options.force_model!r}; served: {sorted(self.catalog.models)}")
             response.route = pb.ROUTE_FORCED_MODEL
             response.route_detail = f"model {model.name} forced by the caller"
-            route_set = True
         elif options.skip_logo or self.logo is None:
             response.route = pb.ROUTE_GLOBAL_MODEL
             response.route_detail = ("logo stage skipped by the caller" if options.skip_logo
                                       else "no logo service configured") + " -> global model"
-            route_set = True
         else:
             model = await self._logo_stage(request.image, response, deadline)
-            route_set = response.route != pb.ROUTE_UNSPECIFIED
 
         if model is not None and model is not self.catalog.global_model and not model.available:
             if response.route == pb.ROUTE_FORCED_MODEL:
@@ -91,8 +89,6 @@ class Recognizer:
             model = None
         if model is None:
             model = self.catalog.global_model
-            if not route_set:
-                response.route = pb.ROUTE_GLOBAL_MODEL
 
         prediction = await self._predict(model, request.image, response, deadline)
         if prediction is None:  # the brand model failed while being called: answer with the global model

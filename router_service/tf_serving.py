@@ -112,26 +112,40 @@ class TfServingClient:
         request.model_spec.name = model.name
         response = await self.predictions.GetModelMetadata(request, timeout=timeout, metadata=outgoing_metadata())
         read_signature(response, model)
-        prediction = await self.predict(model, [warmup_image()], timeout=timeout)
-        model.labels = prediction[0].labels
+        model.labels = []  # the warm-up Predict below fetches them
+        await self.predict(model, [warmup_image()], timeout=timeout)
         model.available, model.error = True, ""
 
     async def predict(self, model: ModelInfo, images: list[bytes], timeout: float | None) -> list[Prediction]:
-        """Probabilities and labels for each encoded image, in order."""
+        """Probabilities for each encoded image, in order, labelled with the model's labels.
+
+        Labels are learned once (at discovery) rather than parsed on every call;
+        they are fetched again only when the server answers with a version other
+        than the one they came from, since a new version may have new classes.
+        """
+        response = await self._predict(model, images, timeout, with_labels=not model.labels)
+        version = response.model_spec.version.value
+        if model.labels and version != model.version:
+            response = await self._predict(model, images, timeout, with_labels=True)
+            version = response.model_spec.version.value
+        if model.labels_key in response.outputs:
+            first_row = tf.make_ndarray(response.outputs[model.labels_key])[0]
+            model.labels = [Label.parse(x.decode() if isinstance(x, bytes) else str(x)) for x in first_row]
+            model.version = version
+        probabilities = tf.make_ndarray(response.outputs[model.probabilities_key])
+        return [Prediction(probabilities=row, labels=model.labels, version=version, signature=model.signature)
+                for row in probabilities]
+
+    async def _predict(self, model: ModelInfo, images: list[bytes], timeout: float | None,
+                       with_labels: bool) -> predict_pb2.PredictResponse:
         request = predict_pb2.PredictRequest()
         request.model_spec.name = model.name
         request.model_spec.signature_name = model.signature
         request.inputs[model.input_key].CopyFrom(tf.make_tensor_proto(images, dtype=tf.string))
-        request.output_filter.extend([model.probabilities_key, model.labels_key])
-        response = await self.predictions.Predict(request, timeout=timeout, metadata=outgoing_metadata())
-        probabilities = tf.make_ndarray(response.outputs[model.probabilities_key])
-        raw_labels = tf.make_ndarray(response.outputs[model.labels_key])
-        version = response.model_spec.version.value
-        results = []
-        for row, label_row in zip(probabilities, raw_labels):
-            labels = [Label.parse(x.decode() if isinstance(x, bytes) else str(x)) for x in label_row]
-            results.append(Prediction(probabilities=row, labels=labels, version=version, signature=model.signature))
-        return results
+        request.output_filter.append(model.probabilities_key)
+        if with_labels:
+            request.output_filter.append(model.labels_key)
+        return await self.predictions.Predict(request, timeout=timeout, metadata=outgoing_metadata())
 
     async def is_available(self, name: str, timeout: float) -> bool:
         """True when GetModelStatus reports a version AVAILABLE."""

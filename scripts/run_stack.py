@@ -11,7 +11,6 @@ import os
 import signal
 import sys
 import time
-from pathlib import Path
 
 from client.__main__ import main as client_main
 from scripts.stack import ROOT, start_logo_service, start_model_server, start_router

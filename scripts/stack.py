@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from common import healthcheck
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVING_MODELS = ROOT / "serving_models"
@@ -37,16 +38,7 @@ class ServiceProcess:
     def health(self, service: str = "", credentials: grpc.ChannelCredentials | None = None,
                server_name: str | None = None) -> str:
         """The grpc.health.v1 status name, or the error code's name when it cannot answer."""
-        options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
-        channel = (grpc.secure_channel(self.address, credentials, options=options) if credentials
-                   else grpc.insecure_channel(self.address))
-        with channel:
-            try:
-                reply = health_pb2_grpc.HealthStub(channel).Check(
-                    health_pb2.HealthCheckRequest(service=service), timeout=2)
-                return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-            except grpc.RpcError as exc:
-                return exc.code().name
+        return healthcheck.status(self.address, service, credentials, server_name, timeout=2)
 
     def wait_healthy(self, timeout: float = 180.0, **kwargs) -> None:
         deadline = time.monotonic() + timeout

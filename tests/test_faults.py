@@ -16,7 +16,7 @@ from carrecog.v1 import recognition_service_pb2 as pb
 from carrecog.v1 import recognition_service_pb2_grpc as pb_grpc
 from scripts.stack import ROOT, start_model_server, start_router
 from tests import images
-from tests.test_stack import logo_hit, no_logo_photo, plugins, recognize, test_photos  # noqa: F401  (fixtures)
+from tests.test_stack import recognize
 
 pytestmark = pytest.mark.integration
 
@@ -96,7 +96,7 @@ def test_broken_plugin_fails_at_start_naming_the_file(model_server, tmp_path):
     assert "acme/manifest.json" in str(err.value)
 
 
-def test_health_follows_the_model_server_and_model_server_down_is_unavailable(tmp_path, logo_hit):
+def test_health_follows_the_model_server_and_model_server_down_is_unavailable(tmp_path):
     port = free_port()
     models = start_model_server(tmp_path, port=port)
     router = start_router(models.address, "", tmp_path, extra_args=["--health-interval-s", "0.5"])

@@ -10,44 +10,9 @@ import pytest
 from carrecog.v1 import logo_service_pb2
 from carrecog.v1 import recognition_service_pb2 as pb
 from client.__main__ import main as client_main
-from common.plugins import DEFAULT_PLUGINS_DIR, load_plugins
 from tests import images
-from training.split import load_split
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="session")
-def plugins():
-    from common.data import data_dir
-    return load_plugins(DEFAULT_PLUGINS_DIR, data_dir())
-
-
-@pytest.fixture(scope="session")
-def test_photos():
-    return [p for p in load_split() if p.split == "test"]
-
-
-@pytest.fixture(scope="session")
-def logo_hit(logo_stub, plugins, test_photos):
-    """A test-split photo on which the logo gate fires for a brand that has a model."""
-    makes = {m: slug for slug, p in plugins.items() if p.model for m in p.makes}
-    for photo in [p for p in test_photos if p.make in makes][:150]:
-        reply = logo_stub.MatchLogo(logo_service_pb2.MatchLogoRequest(image=photo.path.read_bytes()), timeout=30)
-        if reply.matched:
-            return photo, reply.best.brand
-    pytest.fail("the logo gate fired on none of 150 test photos of plugin brands")
-
-
-@pytest.fixture(scope="session")
-def no_logo_photo(logo_stub, plugins, test_photos):
-    """A test-split photo of a make without a plugin on which the gate stays quiet."""
-    plugin_makes = {m for p in plugins.values() for m in p.makes}
-    for photo in [p for p in test_photos if p.make not in plugin_makes][:50]:
-        reply = logo_stub.MatchLogo(logo_service_pb2.MatchLogoRequest(image=photo.path.read_bytes()), timeout=30)
-        if not reply.matched:
-            return photo
-    pytest.fail("the logo gate fired on 50 of 50 photos of makes without a plugin")
 
 
 def recognize(stub, data: bytes, **options) -> pb.RecognizeResponse:

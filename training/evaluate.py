@@ -14,7 +14,6 @@ and beside it a Markdown report, a confusion-matrix PNG and a reliability PNG.
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import tempfile
 from pathlib import Path
