@@ -1,6 +1,7 @@
 """The models the router can send photos to, discovered from TF Serving at start.
 
-The global model plus one model per brand plugin that names one. Discovery
+The global model, one model per brand plugin that names one, and the extra
+models named in the settings (reachable with force_model only). Discovery
 reads each signature with GetModelMetadata and each model's labels with one
 warm-up Predict; a brand model that is not served is kept as unavailable, so
 requests routed to it fall back to the global model and say why.
@@ -20,7 +21,7 @@ logger = logging.getLogger("carrecog.router.catalog")
 
 class ModelCatalog:
     def __init__(self, client: TfServingClient, global_model: str, plugins: dict[str, BrandPlugin],
-                 global_signature: str = "serving_default") -> None:
+                 global_signature: str = "serving_default", extra_models: tuple[str, ...] = ()) -> None:
         self.client = client
         self.global_name = global_model
         self.plugins = plugins
@@ -29,6 +30,10 @@ class ModelCatalog:
             if plugin.model is not None:
                 key = self.key(plugin.model.name, plugin.model.signature)
                 self.models.setdefault(key, ModelInfo(plugin.model.name, plugin.model.signature))
+        for key in extra_models:  # "name" or "name:signature", forced by clients only
+            name, _, signature = key.partition(":")
+            self.models.setdefault(self.key(name, signature or "serving_default"),
+                                   ModelInfo(name, signature or "serving_default"))
 
     @staticmethod
     def key(name: str, signature: str) -> str:

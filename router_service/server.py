@@ -119,7 +119,7 @@ async def serve(settings: RouterSettings) -> None:
     if settings.logo_address:
         logo_stub = logo_service_pb2_grpc.LogoServiceStub(
             downstream_channel(settings.logo_address, "LOGO_SERVICE", max_bytes))
-    catalog = ModelCatalog(client, settings.global_model, plugins)
+    catalog = ModelCatalog(client, settings.global_model, plugins, extra_models=settings.extra_models)
     recognizer = Recognizer(catalog, client, logo_stub, RoutingSettings(
         logo_timeout_s=settings.logo_timeout_s, predict_timeout_s=settings.predict_timeout_s,
         max_image_bytes=int(settings.max_image_mb * 1024 * 1024)))

@@ -10,12 +10,20 @@ from common.server import ServerSettings, add_server_arguments, env
 from common.data import data_dir
 
 
+# The stack routes to the EfficientNet-Lite0 model by default: it is far more
+# accurate than the ResNet50s trained from scratch (README, "Models"). The
+# ResNet50s stay served and can be forced by name for comparison.
+DEFAULT_GLOBAL_MODEL = "efficientnet_lite0"
+DEFAULT_EXTRA_MODELS = "global,audi,bmw,chevrolet"
+
+
 @dataclass(frozen=True)
 class RouterSettings:
     server: ServerSettings
     model_server_address: str
     logo_address: str
     global_model: str
+    extra_models: tuple[str, ...]
     plugins_dir: Path
     data_dir: Path
     logo_timeout_s: float
@@ -33,8 +41,11 @@ def parse_settings(argv: list[str] | None = None) -> RouterSettings:
                         help="TF Serving gRPC address host:port ($MODEL_SERVER_ADDRESS, required)")
     parser.add_argument("--logo-service", default=env("LOGO_SERVICE_ADDRESS", ""),
                         help="logo service host:port; empty = no logo stage ($LOGO_SERVICE_ADDRESS)")
-    parser.add_argument("--global-model", default=env("ROUTER_GLOBAL_MODEL", "global"),
+    parser.add_argument("--global-model", default=env("ROUTER_GLOBAL_MODEL", DEFAULT_GLOBAL_MODEL),
                         help="TF Serving model name of the global classifier ($ROUTER_GLOBAL_MODEL)")
+    parser.add_argument("--extra-models", default=env("ROUTER_EXTRA_MODELS", DEFAULT_EXTRA_MODELS),
+                        help="comma-separated name[:signature] of further served models that clients may pick "
+                             "with force_model, e.g. to compare them; empty = none ($ROUTER_EXTRA_MODELS)")
     parser.add_argument("--plugins-dir", type=Path, default=Path(env("CARRECOG_PLUGINS_DIR", str(DEFAULT_PLUGINS_DIR))),
                         help="brand plugin folders ($CARRECOG_PLUGINS_DIR)")
     parser.add_argument("--data-dir", type=Path, default=data_dir(), help="shared data root ($CARRECOG_DATA_DIR)")
@@ -56,6 +67,7 @@ def parse_settings(argv: list[str] | None = None) -> RouterSettings:
         model_server_address=args.model_server,
         logo_address=args.logo_service,
         global_model=args.global_model,
+        extra_models=tuple(m.strip() for m in args.extra_models.split(",") if m.strip()),
         plugins_dir=args.plugins_dir,
         data_dir=args.data_dir,
         logo_timeout_s=args.logo_timeout_ms / 1000,

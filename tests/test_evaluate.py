@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 from common.data import data_dir
+from router_service.settings import DEFAULT_GLOBAL_MODEL as GLOBAL
 from training.evaluate import main as evaluate_main
 
 IDS = ["00274", "01752", "03205", "00160", "05353", "00001"]
@@ -24,8 +25,10 @@ def test_evaluate_writes_json_markdown_and_figures(router, tmp_path):
     for key in ("top1", "top5", "make_top1", "logo_fired", "logo_precision"):
         assert 0.0 <= pipeline[key] <= 1.0
     assert pipeline["logo_fired_count"] >= 3  # 00274, 01752, 03205 and 05353 fire in calibration
-    assert report["models"]["global"]["n"] == len(IDS)
-    assert report["models"]["audi"]["n"] == 3  # a brand model is scored on its brand's photos only
+    assert report["models"][GLOBAL]["n"] == report["models"]["global"]["n"] == len(IDS)
+    # a brand model (a separate ResNet50, or a brand signature) is scored on its brand's photos only
+    assert report["models"]["audi"]["n"] == report["models"][f"{GLOBAL}:audi"]["n"] == 3
+    assert report["global_restricted"][f"{GLOBAL}:audi"]["n"] == 3
     assert (tmp_path / "out" / "report.md").read_text().startswith("# carrecog evaluation")
     assert (tmp_path / "out" / "report.pipeline.confusion.png").stat().st_size > 0
-    assert (tmp_path / "out" / "report.global.reliability.png").stat().st_size > 0
+    assert (tmp_path / "out" / f"report.{GLOBAL}.reliability.png").stat().st_size > 0

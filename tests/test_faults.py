@@ -14,6 +14,7 @@ import pytest
 
 from carrecog.v1 import recognition_service_pb2 as pb
 from carrecog.v1 import recognition_service_pb2_grpc as pb_grpc
+from router_service.settings import DEFAULT_GLOBAL_MODEL as GLOBAL
 from scripts.stack import ROOT, start_model_server, start_router
 from tests import images
 from tests.test_stack import recognize
@@ -55,7 +56,7 @@ def test_logo_service_down_falls_back_to_global(make_router, logo_hit):
         reply = recognize(stub, logo_hit[0].path.read_bytes())
     assert reply.route == pb.ROUTE_FALLBACK_GLOBAL
     assert reply.fallback_reason == pb.FALLBACK_REASON_LOGO_SERVICE_UNAVAILABLE
-    assert reply.model_name == "global" and reply.label and "logo service" in reply.route_detail
+    assert reply.model_name == GLOBAL and reply.label and "logo service" in reply.route_detail
 
 
 def test_slow_logo_service_falls_back_to_global(make_router, logo_service, logo_hit):
@@ -65,7 +66,7 @@ def test_slow_logo_service_falls_back_to_global(make_router, logo_service, logo_
     with channel:
         reply = recognize(stub, logo_hit[0].path.read_bytes())
     assert reply.route == pb.ROUTE_FALLBACK_GLOBAL
-    assert reply.fallback_reason == pb.FALLBACK_REASON_LOGO_SERVICE_TIMEOUT and reply.model_name == "global"
+    assert reply.fallback_reason == pb.FALLBACK_REASON_LOGO_SERVICE_TIMEOUT and reply.model_name == GLOBAL
 
 
 def test_missing_brand_model_falls_back_to_global(make_router, logo_service, logo_hit, tmp_path):
@@ -84,7 +85,25 @@ def test_missing_brand_model_falls_back_to_global(make_router, logo_service, log
     assert reply.logo_matched and reply.logo.brand == brand
     assert reply.route == pb.ROUTE_FALLBACK_GLOBAL
     assert reply.fallback_reason == pb.FALLBACK_REASON_BRAND_MODEL_NOT_FOUND
-    assert reply.model_name == "global" and "not-served" in reply.route_detail
+    assert reply.model_name == GLOBAL and "not-served" in reply.route_detail
+
+
+def test_logo_of_a_brand_without_a_model_falls_back_to_global(make_router, logo_service, logo_hit, tmp_path):
+    photo, brand = logo_hit
+    plugins_dir = tmp_path / "plugins"
+    shutil.copytree(ROOT / "plugins", plugins_dir)
+    manifest = plugins_dir / brand / "manifest.json"
+    spec = json.loads(manifest.read_text())
+    del spec["model"]  # a logo-only plugin
+    manifest.write_text(json.dumps(spec))
+    router = make_router(logo_service.address, env={"CARRECOG_PLUGINS_DIR": str(plugins_dir)})
+    router.wait_healthy()
+    channel, stub = stub_for(router)
+    with channel:
+        reply = recognize(stub, photo.path.read_bytes())
+    assert reply.route == pb.ROUTE_FALLBACK_GLOBAL and reply.logo_matched and reply.logo.brand == brand
+    assert reply.fallback_reason == pb.FALLBACK_REASON_BRAND_WITHOUT_MODEL
+    assert reply.model_name == GLOBAL and "no model plugin" in reply.route_detail
 
 
 def test_broken_plugin_fails_at_start_naming_the_file(model_server, tmp_path):

@@ -7,9 +7,9 @@ import io
 import grpc
 import pytest
 
-from carrecog.v1 import logo_service_pb2
 from carrecog.v1 import recognition_service_pb2 as pb
 from client.__main__ import main as client_main
+from router_service.settings import DEFAULT_GLOBAL_MODEL as GLOBAL
 from tests import images
 
 pytestmark = pytest.mark.integration
@@ -25,6 +25,7 @@ def test_logo_gated_route_uses_the_brand_model(recognition, logo_hit, plugins):
     assert reply.route == pb.ROUTE_BRAND_MODEL, reply.route_detail
     assert reply.logo_matched and reply.logo.brand == brand and reply.logo.inliers > 0
     assert reply.model_name == plugins[brand].model.name and reply.model_version >= 1
+    assert reply.signature_name == plugins[brand].model.signature
     assert brand in reply.route_detail
     # a brand model only knows its own brand's classes
     assert all(p.make in plugins[brand].makes for p in reply.top_k)
@@ -37,7 +38,7 @@ def test_logo_gated_route_uses_the_brand_model(recognition, logo_hit, plugins):
 def test_no_logo_goes_to_the_global_model(recognition, no_logo_photo):
     reply = recognize(recognition, no_logo_photo.path.read_bytes(), top_k=7)
     assert reply.route == pb.ROUTE_GLOBAL_MODEL and reply.logo_consulted and not reply.logo_matched
-    assert reply.model_name == "global"
+    assert reply.model_name == GLOBAL
     assert len(reply.top_k) == 7
     confidences = [p.confidence for p in reply.top_k]
     assert confidences == sorted(confidences, reverse=True) and 0 < sum(confidences) <= 1.0001
@@ -48,19 +49,30 @@ def test_skip_logo_and_forced_model(recognition, logo_hit):
     photo, _ = logo_hit
     skipped = recognize(recognition, photo.path.read_bytes(), skip_logo=True)
     assert skipped.route == pb.ROUTE_GLOBAL_MODEL and not skipped.logo_consulted
+    # an extra model (the ResNet50 "global") and a brand signature of the default model, by name
     forced = recognize(recognition, photo.path.read_bytes(), force_model="global")
     assert forced.route == pb.ROUTE_FORCED_MODEL and forced.model_name == "global"
+    forced = recognize(recognition, photo.path.read_bytes(), force_model=f"{GLOBAL}:audi")
+    assert forced.route == pb.ROUTE_FORCED_MODEL and forced.signature_name == "audi"
+    assert {p.make for p in forced.top_k} == {"Audi"}
     with pytest.raises(grpc.RpcError) as err:
         recognize(recognition, photo.path.read_bytes(), force_model="no-such-model")
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "global" in err.value.details()
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and GLOBAL in err.value.details()
 
 
 def test_list_models_reads_labels_from_the_models(recognition, plugins):
     reply = recognition.ListModels(pb.ListModelsRequest(), timeout=10)
-    models = {m.name: m for m in reply.models}
-    assert reply.global_model == "global" and models["global"].available
-    assert len(models["global"].labels) == 196 and models["global"].input_key
+    models = {(m.name, m.signature_name): m for m in reply.models}
+    default = models[(GLOBAL, "serving_default")]
+    assert reply.global_model == GLOBAL and default.available
+    assert len(default.labels) == 196 and default.input_key
     assert {b.slug for b in reply.brands} == set(plugins)
+    for b in reply.brands:  # every brand signature is served and knows only its brand's classes
+        brand_model = models[(b.model_name, b.signature_name)]
+        assert brand_model.available and brand_model.brand == b.slug
+        assert {label.split("|")[0] for label in brand_model.labels} == set(plugins[b.slug].makes)
+    for name in ("global", "audi", "bmw", "chevrolet"):  # the ResNet50s stay reachable by name
+        assert models[(name, "serving_default")].available
 
 
 BAD_INPUTS = {
@@ -139,16 +151,3 @@ def test_client_prints_one_json_object_per_image(router, logo_hit, tmp_path):
         assert {"image", "make", "model", "year", "label", "confidence", "route", "top_k"} <= set(line)
     assert lines[0]["route"] == "brand_model"
 
-
-def test_logo_of_a_brand_without_a_model_falls_back_to_global(recognition, logo_stub, plugins, test_photos):
-    logo_only = {m for p in plugins.values() if p.model is None for m in p.makes}
-    assert logo_only, "expected at least one logo-only plugin (dodge, ford, hyundai)"
-    for photo in [p for p in test_photos if p.make in logo_only]:
-        if logo_stub.MatchLogo(logo_service_pb2.MatchLogoRequest(image=photo.path.read_bytes()), timeout=30).matched:
-            break
-    else:
-        pytest.fail("the logo gate fired on no test photo of a logo-only brand")
-    reply = recognize(recognition, photo.path.read_bytes())
-    assert reply.route == pb.ROUTE_FALLBACK_GLOBAL and reply.logo_matched
-    assert reply.fallback_reason == pb.FALLBACK_REASON_BRAND_WITHOUT_MODEL
-    assert reply.model_name == "global" and "no model plugin" in reply.route_detail

@@ -17,9 +17,10 @@ horizontal flip) in `augment`; evaluation and serving never augment.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import tensorflow as tf
 
 from training.split import Photo
@@ -102,19 +103,23 @@ def make_dataset(
     batch: int,
     training: bool,
     seed: int = 0,
+    soft_targets: Mapping[str, np.ndarray] | None = None,
 ) -> tf.data.Dataset:
-    """(image, one-hot label) batches for the photos whose class is in `classes`.
+    """(image, target) batches for the photos whose class is in `classes`.
 
-    Preprocessed images are cached in memory (64 px: ~50 kB each), so files are
-    decoded once; training shuffles each epoch and augments after the cache.
+    The target is the one-hot label, or `soft_targets[image_id]` (a probability
+    row over `classes`, e.g. a teacher's) where given. Preprocessed images are
+    cached in memory (64 px: ~50 kB each), so files are decoded once; training
+    shuffles each epoch and augments after the cache.
     """
     index = {c.class_id: i for i, c in enumerate(classes)}
     photos = [p for p in photos if p.class_id in index]
     paths = tf.constant([str(p.path) for p in photos])
-    labels = tf.constant([index[p.class_id] for p in photos], tf.int32)
-    ds = tf.data.Dataset.from_tensor_slices((paths, labels))
+    one_hot = np.eye(len(classes), dtype=np.float32)
+    targets = np.stack([soft_targets[p.image_id] if soft_targets else one_hot[index[p.class_id]] for p in photos])
+    ds = tf.data.Dataset.from_tensor_slices((paths, targets.astype(np.float32)))
     ds = ds.map(
-        lambda path, y: (preprocess(tf.io.read_file(path), size), tf.one_hot(y, len(classes))),
+        lambda path, y: (preprocess(tf.io.read_file(path), size), y),
         num_parallel_calls=tf.data.AUTOTUNE,
     ).cache()
     if training:

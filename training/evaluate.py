@@ -29,6 +29,7 @@ from training.metrics import Scores, write_reports
 from training.split import load_split, read_labels
 
 BATCH = 16
+RESTRICT_TOP_K = 50  # the router's largest top_k: enough candidates to restrict the global answer to a brand
 
 
 def labelled_photos(labels: Path | None, images_root: Path | None) -> list[dict]:
@@ -38,16 +39,22 @@ def labelled_photos(labels: Path | None, images_root: Path | None) -> list[dict]
     return read_labels(labels, images_root or labels.parent)
 
 
-def recognise_all(stub: pb_grpc.RecognitionServiceStub, rows: list[dict], **options) -> list[pb.RecognizeResult]:
+def recognise_all(stub: pb_grpc.RecognitionServiceStub, rows: list[dict], top_k: int = 5,
+                  **options) -> list[pb.RecognizeResult]:
     results = []
     for start in range(0, len(rows), BATCH):
         chunk = rows[start:start + BATCH]
         requests = [pb.RecognizeRequest(image=Path(r["path"]).read_bytes(), image_id=r["image_id"],
-                                        options=pb.RecognizeOptions(top_k=5, **options)) for r in chunk]
+                                        options=pb.RecognizeOptions(top_k=top_k, **options)) for r in chunk]
         results.extend(stub.RecognizeBatch(pb.RecognizeBatchRequest(requests=requests), timeout=600).results)
         print(f"  {min(start + BATCH, len(rows))}/{len(rows)}", end="\r", flush=True)
     print()
     return results
+
+
+def model_key(model: pb.ServedModel) -> str:
+    """The name force_model takes: "name", or "name:signature" for another signature."""
+    return model.name if model.signature_name == "serving_default" else f"{model.name}:{model.signature_name}"
 
 
 def evaluate(rows: list[dict], router_address: str) -> dict:
@@ -55,21 +62,43 @@ def evaluate(rows: list[dict], router_address: str) -> dict:
     with grpc.insecure_channel(router_address, options=[("grpc.max_receive_message_length", 64 << 20),
                                                         ("grpc.max_send_message_length", 64 << 20)]) as channel:
         stub = pb_grpc.RecognitionServiceStub(channel)
-        served = {m.name for m in stub.ListModels(pb.ListModelsRequest(), timeout=30).models if m.available}
+        listing = stub.ListModels(pb.ListModelsRequest(), timeout=30)
         print(f"pipeline on {len(rows)} photos")
         pipeline = Scores("pipeline", plugins)
         pipeline.add_all(rows, recognise_all(stub, rows))
-        models = {}
-        for name in sorted(served):
-            makes = None if name == "global" else {m for p in plugins.values()
-                                                   if p.model and p.model.name == name for m in p.makes}
-            subset = [r for r in rows if makes is None or r["make"] in makes]
+        models, answers = {}, {}
+        for model in sorted((m for m in listing.models if m.available), key=model_key):
+            key = model_key(model)
+            # A model is scored on the photos of the makes it knows (its labels are "<make>|<model>|<year>").
+            makes = {label.split("|")[0] for label in model.labels}
+            subset = [r for r in rows if r["make"] in makes]
             if not subset:
                 continue
-            print(f"model {name} alone on {len(subset)} photos")
-            models[name] = Scores(name, plugins)
-            models[name].add_all(subset, recognise_all(stub, subset, force_model=name))
-    return {"pipeline": pipeline, "models": models}
+            print(f"model {key} alone on {len(subset)} photos")
+            models[key] = Scores(key, plugins)
+            answers[key] = (subset, recognise_all(stub, subset, top_k=RESTRICT_TOP_K, force_model=key))
+            models[key].add_all(*answers[key])
+    restricted = {}
+    if listing.global_model in answers:
+        for model in listing.models:
+            key = model_key(model)
+            if key in answers and key != listing.global_model:
+                restricted[key] = global_restricted(*answers[listing.global_model], set(model.labels))
+    return {"pipeline": pipeline, "models": models, "global_restricted": restricted}
+
+
+def global_restricted(rows: list[dict], results: list[pb.RecognizeResult], labels: set[str]) -> dict:
+    """The global model's top-1 on the photos of these labels' makes when its answer is restricted
+    to these labels: the first of its RESTRICT_TOP_K candidates that is one of them (none = a miss)."""
+    makes = {label.split("|")[0] for label in labels}
+    hits, missing = [], 0
+    for row, result in zip(rows, results):
+        if row["make"] not in makes or result.WhichOneof("outcome") != "response":
+            continue
+        choice = next((p.label for p in result.response.top_k if p.label in labels), None)
+        missing += choice is None
+        hits.append(choice == f"{row['make']}|{row['model']}|{row['year']}")
+    return {"n": len(hits), "top1": round(sum(hits) / max(len(hits), 1), 4), "not_in_candidates": missing}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -135,6 +135,7 @@ def write_reports(scores: dict, out: Path, n: int) -> dict:
     pipeline: Scores = scores["pipeline"]
     report = {"n": n, "pipeline": pipeline.summary(with_logo=True),
               "models": {name: s.summary(with_logo=False) for name, s in scores["models"].items()},
+              "global_restricted": scores.get("global_restricted", {}),
               "per_class": {"pipeline": pipeline.per_class()},
               "confused_pairs": {"pipeline": pipeline.confused_pairs()}}
     out.write_text(json.dumps(report, indent=1))
@@ -143,6 +144,11 @@ def write_reports(scores: dict, out: Path, n: int) -> dict:
              "| --- | --- | --- | --- | --- | --- |"]
     for name, s in [("pipeline", report["pipeline"]), *report["models"].items()]:
         lines.append(f"| {name} | {s['n']} | {s['top1']:.3f} | {s['top5']:.3f} | {s['make_top1']:.3f} | {s['ece']:.3f} |")
+    if report["global_restricted"]:
+        lines += ["", "Each partial (brand) model against the global model restricted to the same classes, "
+                  "on the same photos:", "", "| model | n | its top-1 | global restricted top-1 |", "| --- | --- | --- | --- |"]
+        lines += [f"| {name} | {r['n']} | {report['models'][name]['top1']:.3f} | {r['top1']:.3f} |"
+                  for name, r in report["global_restricted"].items()]
     p = report["pipeline"]
     lines += ["", f"Logo gate fired on {p['logo_fired']:.1%} of photos ({p['logo_fired_count']}); precision when fired: "
               f"{p['logo_precision']}. Routes: {p['routes']}.", "", "## Most confused pairs (truth → predicted, count)", ""]

@@ -3,6 +3,7 @@
     python -m training.train --model global --size 64 --epochs 15 --batch 64 --out runs/global
     python -m training.train --model audi --size 64 --epochs 30 --out runs/audi --init-from runs/global
     python -m training.train --out runs/global --resume      # continue where it stopped
+    python -m training.train --model global --size 96 --teacher runs/lite0/teacher.npz --out runs/global-kd
 
 `--model global` learns all 196 classes; a brand slug (plugins/<slug>/manifest.json)
 learns only the classes whose make is one of that brand's "makes", and may start
@@ -28,6 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from common.plugins import DEFAULT_PLUGINS_DIR, load_plugins
@@ -52,6 +54,9 @@ class Config:
     seed: int = 0
     out: str = "runs/global"
     init_from: str | None = None  # a run folder whose trunk initialises this model
+    teacher: str | None = None  # teacher.npz of training.train_lite: distil its soft targets
+    teacher_weight: float = 0.7  # target = (1 - w) * one-hot + w * teacher probabilities
+    teacher_temperature: float = 2.0  # softens the teacher's probabilities (Hinton et al.)
 
 
 def makes_for(model: str) -> list[str] | None:
@@ -138,6 +143,26 @@ def new_state(cfg: Config, classes: list[data.ClassInfo], photos: list[Photo]) -
     }
 
 
+def teacher_targets(cfg: Config, classes: list[data.ClassInfo], photos: list[Photo]) -> dict[str, np.ndarray]:
+    """Per train photo: (1 - w) * its one-hot label + w * the teacher's softened probabilities,
+    the teacher restricted to `classes` (a brand model distils the teacher's brand columns)."""
+    teacher = np.load(cfg.teacher)
+    column = {int(c): i for i, c in enumerate(teacher["class_ids"])}
+    columns = [column[c.class_id] for c in classes]
+    row = {str(i): r for r, i in enumerate(teacher["image_ids"])}
+    index = {c.class_id: i for i, c in enumerate(classes)}
+    targets = {}
+    for p in photos:
+        if p.class_id not in index:
+            continue
+        logits = teacher["logits"][row[p.image_id], columns] / cfg.teacher_temperature
+        probs = np.exp(logits - logits.max())
+        target = cfg.teacher_weight * probs / probs.sum()
+        target[index[p.class_id]] += 1 - cfg.teacher_weight
+        targets[p.image_id] = target.astype(np.float32)
+    return targets
+
+
 def train(cfg: Config, resume: bool = False) -> dict:
     out = Path(cfg.out)
     keras.utils.set_random_seed(cfg.seed)
@@ -145,7 +170,9 @@ def train(cfg: Config, resume: bool = False) -> dict:
     classes = data.class_list(photos, makes_for(cfg.model))
     train_photos = [p for p in photos if p.split == "train"]
     val_photos = [p for p in photos if p.split == "val"]
-    train_ds = data.make_dataset(train_photos, classes, cfg.size, cfg.batch, training=True, seed=cfg.seed)
+    soft = teacher_targets(cfg, classes, train_photos) if cfg.teacher else None
+    train_ds = data.make_dataset(train_photos, classes, cfg.size, cfg.batch, training=True, seed=cfg.seed,
+                                 soft_targets=soft)
     val_ds = data.make_dataset(val_photos, classes, cfg.size, 2 * cfg.batch, training=False)
     ids = {c.class_id for c in classes}
     n_train = sum(p.class_id in ids for p in train_photos)
@@ -202,10 +229,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, bool]:
     p.add_argument("--arch", default=defaults.arch, choices=ARCHS)
     for name in ("size", "epochs", "batch", "seed"):
         p.add_argument(f"--{name}", type=int, default=getattr(defaults, name))
-    for name in ("lr", "warmup_epochs", "weight_decay", "label_smoothing", "bn_momentum"):
+    for name in ("lr", "warmup_epochs", "weight_decay", "label_smoothing", "bn_momentum", "teacher_weight",
+                 "teacher_temperature"):
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=float, default=getattr(defaults, name))
     p.add_argument("--out", default=None, help="run folder (default runs/<model>)")
     p.add_argument("--init-from", default=None, help="run folder whose trunk initialises this model")
+    p.add_argument("--teacher", default=None, help="teacher.npz (training.train_lite) to distil from")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
     args = vars(p.parse_args(argv))
     resume = args.pop("resume")

@@ -1,0 +1,268 @@
+"""Fine-tune EfficientNet-Lite (ImageNet) into the global classifier and brand heads.
+
+    python -m training.lite_features --variant lite0 --size 256 --cut 11 --views 4 --out runs/lite0
+    python -m training.train_lite --run runs/lite0 --epochs 10      # --resume continues a stopped run
+    python -m training.export_lite --run runs/lite0 --model-name efficientnet_lite0 --version 1
+
+On the cached activations of the frozen lower blocks (`training.lite_features`):
+
+1. global: the upper blocks (from `cut`), the 1280-wide head conv and a new
+   196-class softmax layer, trained together. BatchNorm keeps its ImageNet
+   statistics (inference mode) so what is trained is what is served; the new
+   layer learns 10x faster than the pretrained blocks. Each epoch shows every
+   train photo once, in one of its cached views picked at random. Checkpoint
+   after every epoch (tf.train.Checkpoint: weights, optimizers, epoch).
+2. brand heads: one softmax layer per brand plugin over its own classes, on the
+   pooled 1280 features of the fine-tuned trunk (frozen), initialised from the
+   global layer's rows for those classes, i.e. starting as "global restricted
+   to the brand". Kept only where it beats that start on the brand's val photos.
+3. calibration: one temperature per head, fitted on val (negative log
+   likelihood), folded into the layer's weights.
+
+Everything lands in the run folder: `top.weights.h5`, `heads.npz` and `lite.json`
+(classes, config, history, val/test metrics, commands, timings, machine), and
+`teacher.npz`: the global logits of every train photo, soft targets for
+distilling into the ResNet50s (`training.train --teacher`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from common.plugins import DEFAULT_PLUGINS_DIR, load_plugins
+from training import data
+from training.efficientnet_lite import build_parts, load_imagenet_weights
+from training.lite_features import load as load_features
+from training.split import data_dir, load_split
+from training.train import machine, write_json
+
+
+def class_index(photos) -> tuple[list[data.ClassInfo], dict[int, int]]:
+    classes = data.class_list(photos)
+    return classes, {c.class_id: i for i, c in enumerate(classes)}
+
+
+def smoothed_loss(logits: tf.Tensor, y: tf.Tensor, num_classes: int, smoothing: float) -> tf.Tensor:
+    target = tf.one_hot(y, num_classes) * (1 - smoothing) + smoothing / num_classes
+    return tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(target, logits))
+
+
+def cosine(step: int, total: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return 0.5 * peak * (1 + np.cos(np.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def pooled(top: keras.Model, features: np.ndarray, batch: int = 256) -> np.ndarray:
+    """[n, H, W, C] cached activations -> [n, 1280] pooled trunk features."""
+    run = tf.function(lambda x: top(x, training=False))
+    return np.concatenate([run(tf.constant(features[i : i + batch], tf.float32)).numpy()
+                           for i in range(0, len(features), batch)])
+
+
+def accuracy(logits: np.ndarray, y: np.ndarray) -> dict:
+    top5 = np.argsort(-logits, axis=1)[:, :5]
+    return {"top1": float(np.mean(top5[:, 0] == y)), "top5": float(np.mean((top5 == y[:, None]).any(1))), "n": len(y)}
+
+
+def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
+    """The temperature T minimising the val negative log-likelihood of softmax(logits / T)."""
+    def nll(t):
+        z = logits / t
+        z = z - z.max(1, keepdims=True)
+        return float(np.mean(np.log(np.exp(z).sum(1)) - z[np.arange(len(y)), y]))
+    grid = np.exp(np.linspace(np.log(0.3), np.log(5.0), 200))
+    return float(grid[np.argmin([nll(t) for t in grid])])
+
+
+def ece(logits: np.ndarray, y: np.ndarray, bins: int = 15) -> float:
+    p = tf.nn.softmax(logits).numpy()
+    conf, pred = p.max(1), p.argmax(1)
+    edges = np.linspace(0, 1, bins + 1)
+    total = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        m = (conf > lo) & (conf <= hi)
+        if m.any():
+            total += m.mean() * abs(np.mean(pred[m] == y[m]) - conf[m].mean())
+    return float(total)
+
+
+def train_global(run: Path, cfg: dict, resume: bool) -> tuple[keras.Model, keras.layers.Dense, list]:
+    meta = json.loads((run / "features.json").read_text())["config"]
+    train_x, _, train_cls = load_features(run, "train")
+    val_x, _, val_cls = load_features(run, "val")
+    classes, index = class_index(load_split())
+    y_train = np.array([index[c] for c in train_cls])
+    y_val = np.array([index[c] for c in val_cls])
+
+    bottom, top = build_parts(meta["variant"], meta["size"], meta["cut"])
+    load_imagenet_weights([bottom, top], meta["variant"])
+    head = keras.layers.Dense(len(classes), name="global")
+    head.build((None, top.output.shape[-1]))
+    dropout = keras.layers.Dropout(cfg["dropout"])
+    opt_top = keras.optimizers.AdamW(cfg["lr"] / 10, weight_decay=cfg["weight_decay"])
+    opt_head = keras.optimizers.AdamW(cfg["lr"], weight_decay=cfg["weight_decay"])
+    opt_top.build(top.trainable_variables)
+    opt_head.build(head.trainable_variables)
+    epoch = tf.Variable(0)
+    ckpt = tf.train.Checkpoint(top=top, head=head, opt_top=opt_top, opt_head=opt_head, epoch=epoch)
+    manager = tf.train.CheckpointManager(ckpt, str(run / "ckpt"), max_to_keep=1)
+    history = []
+    if resume and manager.latest_checkpoint:
+        ckpt.restore(manager.latest_checkpoint)
+        history = json.loads((run / "history.json").read_text())
+        print(f"resumed at epoch {int(epoch)}")
+
+    @tf.function
+    def step(x, y, lr):
+        opt_top.learning_rate.assign(lr / 10)
+        opt_head.learning_rate.assign(lr)
+        with tf.GradientTape() as tape:
+            logits = head(dropout(top(x, training=False), training=True))
+            loss = smoothed_loss(logits, y, len(classes), cfg["label_smoothing"])
+        grads = tape.gradient(loss, top.trainable_variables + head.trainable_variables)
+        n = len(top.trainable_variables)
+        opt_top.apply_gradients(zip(grads[:n], top.trainable_variables))
+        opt_head.apply_gradients(zip(grads[n:], head.trainable_variables))
+        return loss
+
+    views, n = train_x.shape[0], train_x.shape[1]
+    steps_per_epoch = n // cfg["batch"]
+    total = steps_per_epoch * cfg["epochs"]
+    while int(epoch) < cfg["epochs"]:
+        e = int(epoch)
+        rng = np.random.default_rng(cfg["seed"] + e)
+        order, pick = rng.permutation(n), rng.integers(0, views, n)
+        t0, losses = time.time(), []
+        for s in range(steps_per_epoch):
+            idx = np.sort(order[s * cfg["batch"] : (s + 1) * cfg["batch"]])
+            x = np.stack([train_x[pick[i], i] for i in idx]).astype(np.float32)
+            lr = cosine(e * steps_per_epoch + s, total, cfg["lr"], steps_per_epoch)
+            losses.append(float(step(tf.constant(x), tf.constant(y_train[idx]), tf.constant(lr, tf.float32))))
+            if s % 10 == 0 or s == steps_per_epoch - 1:
+                print(f"\repoch {e + 1}/{cfg['epochs']} step {s + 1}/{steps_per_epoch} loss {np.mean(losses):.3f} "
+                      f"({(s + 1) * cfg['batch'] / (time.time() - t0):.0f} img/s)", end="", flush=True)
+        val = accuracy(head(pooled(top, val_x[0])).numpy(), y_val)
+        history.append({"epoch": e + 1, "loss": float(np.mean(losses)), "val": val, "seconds": round(time.time() - t0, 1)})
+        print(f"\nepoch {e + 1}: loss {np.mean(losses):.3f} val top1 {val['top1']:.3f} top5 {val['top5']:.3f}", flush=True)
+        epoch.assign(e + 1)
+        manager.save()
+        write_json(run / "history.json", history)
+    return top, head, history
+
+
+def train_brand_head(w: np.ndarray, b: np.ndarray, feats: np.ndarray, y: np.ndarray,
+                     val_feats: np.ndarray, y_val: np.ndarray, steps: int = 300, lr: float = 1e-3):
+    """Fine-tune a brand's rows of the global layer on its photos; keep the best on val (step 0 included)."""
+    kernel, bias = tf.Variable(w), tf.Variable(b)
+    opt = keras.optimizers.AdamW(lr, weight_decay=1e-4)
+    best = (accuracy(val_feats @ w + b, y_val)["top1"], 0, w.copy(), b.copy())
+    rng = np.random.default_rng(0)
+    for s in range(1, steps + 1):
+        idx = rng.integers(0, len(y), 64)
+        with tf.GradientTape() as tape:
+            loss = smoothed_loss(tf.constant(feats[idx]) @ kernel + bias, y[idx], w.shape[1], 0.1)
+        opt.apply_gradients(zip(tape.gradient(loss, [kernel, bias]), [kernel, bias]))
+        if s % 25 == 0:
+            top1 = accuracy(val_feats @ kernel.numpy() + bias.numpy(), y_val)["top1"]
+            if top1 > best[0]:
+                best = (top1, s, kernel.numpy(), bias.numpy())
+    return best
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", default="runs/lite0", help="folder of training.lite_features' cache")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--lr", type=float, default=3e-3, help="new layer's peak rate; pretrained blocks get 1/10")
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--label-smoothing", type=float, default=0.1)
+    p.add_argument("--dropout", type=float, default=0.3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true")
+    args = p.parse_args(argv)
+    run = Path(args.run)
+    cfg = {k: v for k, v in vars(args).items() if k not in ("run", "resume")}
+    t0 = time.time()
+    top, head, history = train_global(run, cfg, args.resume)
+    train_seconds = sum(h["seconds"] for h in history)
+
+    photos = load_split()
+    classes, index = class_index(photos)
+    splits = {}
+    for split in ("train", "val", "test"):
+        feats, ids, cls = load_features(run, split)
+        n_views = min(2, feats.shape[0])  # plain + mirror for the brand heads
+        splits[split] = (np.concatenate([pooled(top, feats[v]) for v in range(n_views)]),
+                         np.tile(np.array([index[c] for c in cls]), n_views))
+    w, b = head.kernel.numpy(), head.bias.numpy()
+    heads, report = {}, {}
+    # Soft targets for distilling into the ResNet50s (training.train --teacher): plain view of each train photo.
+    train_ids = load_features(run, "train")[1]
+    np.savez(run / "teacher.npz", image_ids=np.array(train_ids), class_ids=np.array([c.class_id for c in classes]),
+             logits=(splits["train"][0][: len(train_ids)] @ w + b).astype(np.float32))
+
+    def finish(name, kernel, bias, members, extra):
+        """Temperature on val, folded into the layer; val/test metrics before and after."""
+        y_of = {s: splits[s][1] for s in splits}
+        val_mask = np.isin(y_of["val"], members)
+        local = {c: i for i, c in enumerate(members)}
+        yv = np.array([local[c] for c in y_of["val"][val_mask]])
+        t = fit_temperature(splits["val"][0][val_mask] @ kernel + bias, yv)
+        kernel, bias = kernel / t, bias / t
+        metrics = {"temperature": t, **extra}
+        for s in ("val", "test"):
+            if s == "val":
+                f, y = splits[s][0][val_mask], yv
+            else:
+                test_mask = np.isin(y_of["test"], members)
+                f, y = splits[s][0][test_mask], np.array([local[c] for c in y_of["test"][test_mask]])
+            logits = f @ kernel + bias
+            metrics[s] = {**accuracy(logits, y), "ece": ece(logits, y)}
+        heads[f"{name}/kernel"], heads[f"{name}/bias"] = kernel.astype(np.float32), bias.astype(np.float32)
+        report[name] = {"classes": [classes[c].to_json() for c in members], **metrics}
+        print(f"{name}: T={t:.2f} val top1 {metrics['val']['top1']:.3f} test top1 {metrics['test']['top1']:.3f} "
+              f"test ECE {metrics['test']['ece']:.3f}", flush=True)
+
+    finish("global", w, b, list(range(len(classes))), {})
+    for plugin in load_plugins(DEFAULT_PLUGINS_DIR, data_dir(), check_logos=False).values():
+        members = [i for i, c in enumerate(classes) if c.make in plugin.makes]
+        local = {c: i for i, c in enumerate(members)}
+        f_train, y_train = splits["train"]
+        f_val, y_val = splits["val"]
+        tm, vm = np.isin(y_train, members), np.isin(y_val, members)
+        yt = np.array([local[c] for c in y_train[tm]])
+        yv = np.array([local[c] for c in y_val[vm]])
+        start_top1 = accuracy(f_val[vm] @ w[:, members] + b[members], yv)["top1"]
+        best_top1, best_step, kernel, bias = train_brand_head(w[:, members], b[members], f_train[tm], yt, f_val[vm], yv)
+        finish(plugin.slug, kernel, bias, members, {
+            "val_top1_global_restricted": start_top1, "val_top1_tuned": best_top1, "tuning_steps_kept": best_step})
+
+    top.save_weights(run / "top.weights.h5")
+    np.savez(run / "heads.npz", **heads)
+    meta = json.loads((run / "features.json").read_text())
+    write_json(run / "lite.json", {
+        "features": meta["config"],
+        "config": cfg,
+        "classes": [c.to_json() for c in classes],
+        "heads": report,
+        "history": history,
+        "commands": [shlex.join(["python", "-m", "training.train_lite", *(argv or sys.argv[1:])])],
+        "train_seconds": round(train_seconds, 1),
+        "total_seconds": round(time.time() - t0, 1),
+        "machine": machine(),
+    })
+    print(f"wrote {run}/top.weights.h5, heads.npz, lite.json")
+
+
+if __name__ == "__main__":
+    main()
