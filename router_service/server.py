@@ -77,7 +77,7 @@ class RecognitionServicer(pb_grpc.RecognitionServiceServicer):
                 name=model.name, version=model.version, signature_name=model.signature, input_key=model.input_key,
                 probabilities_key=model.probabilities_key, labels_key=model.labels_key,
                 labels=[label.text for label in model.labels], brand=self.catalog.brand_of(model),
-                available=model.available)
+                available=model.available, makes=sorted({label.make for label in model.labels if label.make}))
         for plugin in self.catalog.plugins.values():
             response.brands.add(slug=plugin.slug, name=plugin.name,
                                 model_name=plugin.model.name if plugin.model else "",

@@ -1,6 +1,7 @@
 """A bounded load test of RecognitionService/Recognize against a running router (loopback only).
 
     python -m scripts.load_test --address 127.0.0.1:50050 --requests 200 --concurrency 8
+    python -m scripts.load_test --requests 100 --concurrency 1 --force-model global   # one model's latency
 
 Sends shared test-split photos round-robin and prints throughput, latency
 percentiles and the status codes seen, as one JSON object.
@@ -27,8 +28,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--timeout", type=float, default=30.0)
+    parser.add_argument("--force-model", default="", help="send every photo to this model (compare models' latency)")
+    parser.add_argument("--skip-logo", action="store_true", help="skip the logo stage (model latency alone)")
     args = parser.parse_args(argv)
     photos = [p.path.read_bytes() for p in load_split() if p.split == "test"][:64]
+    options = pb.RecognizeOptions(force_model=args.force_model, skip_logo=args.skip_logo)
     latencies: list[float] = []
     codes: collections.Counter = collections.Counter()
     with grpc.insecure_channel(args.address) as channel:
@@ -37,7 +41,7 @@ def main(argv: list[str] | None = None) -> dict:
         def one(i: int) -> None:
             started = time.perf_counter()
             try:
-                stub.Recognize(pb.RecognizeRequest(image=photos[i % len(photos)]), timeout=args.timeout)
+                stub.Recognize(pb.RecognizeRequest(image=photos[i % len(photos)], options=options), timeout=args.timeout)
                 codes["OK"] += 1
             except grpc.RpcError as exc:
                 codes[exc.code().name] += 1

@@ -69,9 +69,7 @@ def evaluate(rows: list[dict], router_address: str) -> dict:
         models, answers = {}, {}
         for model in sorted((m for m in listing.models if m.available), key=model_key):
             key = model_key(model)
-            # A model is scored on the photos of the makes it knows (its labels are "<make>|<model>|<year>").
-            makes = {label.split("|")[0] for label in model.labels}
-            subset = [r for r in rows if r["make"] in makes]
+            subset = [r for r in rows if r["make"] in model.makes]  # a model is scored on the makes it knows
             if not subset:
                 continue
             print(f"model {key} alone on {len(subset)} photos")
@@ -79,25 +77,26 @@ def evaluate(rows: list[dict], router_address: str) -> dict:
             answers[key] = (subset, recognise_all(stub, subset, top_k=RESTRICT_TOP_K, force_model=key))
             models[key].add_all(*answers[key])
     restricted = {}
+    global_makes = next((m.makes for m in listing.models if model_key(m) == listing.global_model), [])
     if listing.global_model in answers:
         for model in listing.models:
             key = model_key(model)
-            if key in answers and key != listing.global_model:
-                restricted[key] = global_restricted(*answers[listing.global_model], set(model.labels))
+            if key in answers and len(model.makes) < len(global_makes):  # a partial (brand) model
+                restricted[key] = global_restricted(*answers[listing.global_model], model)
     return {"pipeline": pipeline, "models": models, "global_restricted": restricted}
 
 
-def global_restricted(rows: list[dict], results: list[pb.RecognizeResult], labels: set[str]) -> dict:
-    """The global model's top-1 on the photos of these labels' makes when its answer is restricted
-    to these labels: the first of its RESTRICT_TOP_K candidates that is one of them (none = a miss)."""
-    makes = {label.split("|")[0] for label in labels}
+def global_restricted(rows: list[dict], results: list[pb.RecognizeResult], model: pb.ServedModel) -> dict:
+    """The global model's top-1 on the photos of `model`'s makes when its answer is restricted to
+    `model`'s classes: the first of its RESTRICT_TOP_K candidates that is one of them (none = a miss)."""
+    labels = set(model.labels)
     hits, missing = [], 0
     for row, result in zip(rows, results):
-        if row["make"] not in makes or result.WhichOneof("outcome") != "response":
+        if row["make"] not in model.makes or result.WhichOneof("outcome") != "response":
             continue
         choice = next((p.label for p in result.response.top_k if p.label in labels), None)
         missing += choice is None
-        hits.append(choice == f"{row['make']}|{row['model']}|{row['year']}")
+        hits.append(choice == f"{row['make']} {row['model']} {row['year']}")
     return {"n": len(hits), "top1": round(sum(hits) / max(len(hits), 1), 4), "not_in_candidates": missing}
 
 
