@@ -69,19 +69,25 @@ def test_slow_logo_service_falls_back_to_global(make_router, logo_service, logo_
     assert reply.fallback_reason == pb.FALLBACK_REASON_LOGO_SERVICE_TIMEOUT and reply.model_name == GLOBAL
 
 
-def test_missing_brand_model_falls_back_to_global(make_router, logo_service, logo_hit, tmp_path):
-    photo, brand = logo_hit
+def recognize_with_edited_plugin(make_router, logo_service, photo, brand, tmp_path, edit) -> pb.RecognizeResponse:
+    """Recognise `photo` through a new router whose copy of `brand`'s manifest went through `edit`."""
     plugins_dir = tmp_path / "plugins"
     shutil.copytree(ROOT / "plugins", plugins_dir)
     manifest = plugins_dir / brand / "manifest.json"
     spec = json.loads(manifest.read_text())
-    spec["model"]["name"] = f"{brand}-not-served"
+    edit(spec)
     manifest.write_text(json.dumps(spec))
     router = make_router(logo_service.address, env={"CARRECOG_PLUGINS_DIR": str(plugins_dir)})
     router.wait_healthy()
     channel, stub = stub_for(router)
     with channel:
-        reply = recognize(stub, photo.path.read_bytes())
+        return recognize(stub, photo.path.read_bytes())
+
+
+def test_missing_brand_model_falls_back_to_global(make_router, logo_service, logo_hit, tmp_path):
+    photo, brand = logo_hit
+    reply = recognize_with_edited_plugin(make_router, logo_service, photo, brand, tmp_path,
+                                         lambda spec: spec["model"].update(name=f"{brand}-not-served"))
     assert reply.logo_matched and reply.logo.brand == brand
     assert reply.route == pb.ROUTE_FALLBACK_GLOBAL
     assert reply.fallback_reason == pb.FALLBACK_REASON_BRAND_MODEL_NOT_FOUND
@@ -90,17 +96,8 @@ def test_missing_brand_model_falls_back_to_global(make_router, logo_service, log
 
 def test_logo_of_a_brand_without_a_model_falls_back_to_global(make_router, logo_service, logo_hit, tmp_path):
     photo, brand = logo_hit
-    plugins_dir = tmp_path / "plugins"
-    shutil.copytree(ROOT / "plugins", plugins_dir)
-    manifest = plugins_dir / brand / "manifest.json"
-    spec = json.loads(manifest.read_text())
-    del spec["model"]  # a logo-only plugin
-    manifest.write_text(json.dumps(spec))
-    router = make_router(logo_service.address, env={"CARRECOG_PLUGINS_DIR": str(plugins_dir)})
-    router.wait_healthy()
-    channel, stub = stub_for(router)
-    with channel:
-        reply = recognize(stub, photo.path.read_bytes())
+    reply = recognize_with_edited_plugin(make_router, logo_service, photo, brand, tmp_path,
+                                         lambda spec: spec.pop("model"))  # a logo-only plugin
     assert reply.route == pb.ROUTE_FALLBACK_GLOBAL and reply.logo_matched and reply.logo.brand == brand
     assert reply.fallback_reason == pb.FALLBACK_REASON_BRAND_WITHOUT_MODEL
     assert reply.model_name == GLOBAL and "no model plugin" in reply.route_detail
