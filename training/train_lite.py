@@ -215,23 +215,22 @@ def main(argv: list[str] | None = None) -> None:
     np.savez(run / "teacher.npz", image_ids=np.array(train_ids), class_ids=np.array([c.class_id for c in classes]),
              logits=(splits["train"][0][: len(train_ids)] @ w + b).astype(np.float32))
 
-    def finish(name, kernel, bias, members, extra):
-        """Temperature on val, folded into the layer; val/test metrics before and after."""
-        y_of = {s: splits[s][1] for s in splits}
-        val_mask = np.isin(y_of["val"], members)
+    def restrict(split: str, members: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """The split's pooled features of the photos of `members`' classes, labels renumbered 0..len-1."""
+        features, labels = splits[split]
+        mask = np.isin(labels, members)
         local = {c: i for i, c in enumerate(members)}
-        yv = np.array([local[c] for c in y_of["val"][val_mask]])
-        t = fit_temperature(splits["val"][0][val_mask] @ kernel + bias, yv)
+        return features[mask], np.array([local[c] for c in labels[mask]])
+
+    def finish(name: str, kernel: np.ndarray, bias: np.ndarray, members: list[int], extra: dict) -> None:
+        """Fit the head's temperature on val, fold it into the layer, measure val and test."""
+        t = fit_temperature(restrict("val", members)[0] @ kernel + bias, restrict("val", members)[1])
         kernel, bias = kernel / t, bias / t
         metrics = {"temperature": t, **extra}
-        for s in ("val", "test"):
-            if s == "val":
-                f, y = splits[s][0][val_mask], yv
-            else:
-                test_mask = np.isin(y_of["test"], members)
-                f, y = splits[s][0][test_mask], np.array([local[c] for c in y_of["test"][test_mask]])
-            logits = f @ kernel + bias
-            metrics[s] = {**accuracy(logits, y), "ece": ece(logits, y)}
+        for split in ("val", "test"):
+            features, y = restrict(split, members)
+            logits = features @ kernel + bias
+            metrics[split] = {**accuracy(logits, y), "ece": ece(logits, y)}
         heads[f"{name}/kernel"], heads[f"{name}/bias"] = kernel.astype(np.float32), bias.astype(np.float32)
         report[name] = {"classes": [classes[c].to_json() for c in members], **metrics}
         print(f"{name}: T={t:.2f} val top1 {metrics['val']['top1']:.3f} test top1 {metrics['test']['top1']:.3f} "
@@ -240,14 +239,9 @@ def main(argv: list[str] | None = None) -> None:
     finish("global", w, b, list(range(len(classes))), {})
     for plugin in load_plugins(DEFAULT_PLUGINS_DIR, data_dir(), check_logos=False).values():
         members = [i for i, c in enumerate(classes) if c.make in plugin.makes]
-        local = {c: i for i, c in enumerate(members)}
-        f_train, y_train = splits["train"]
-        f_val, y_val = splits["val"]
-        tm, vm = np.isin(y_train, members), np.isin(y_val, members)
-        yt = np.array([local[c] for c in y_train[tm]])
-        yv = np.array([local[c] for c in y_val[vm]])
-        start_top1 = accuracy(f_val[vm] @ w[:, members] + b[members], yv)["top1"]
-        best_top1, best_step, kernel, bias = train_brand_head(w[:, members], b[members], f_train[tm], yt, f_val[vm], yv)
+        (f_train, y_train), (f_val, y_val) = restrict("train", members), restrict("val", members)
+        start_top1 = accuracy(f_val @ w[:, members] + b[members], y_val)["top1"]
+        best_top1, best_step, kernel, bias = train_brand_head(w[:, members], b[members], f_train, y_train, f_val, y_val)
         # With 50-100 val photos per brand, one or two photos decide a small gain; such a gain did
         # not hold on test (audi: +1.4 points on val, -7 on test). Keep the tuned head only for a
         # gain beyond that noise, else the head is the global layer restricted to the brand.
