@@ -32,8 +32,8 @@ class ModelCatalog:
                 self.models.setdefault(key, ModelInfo(plugin.model.name, plugin.model.signature))
         for key in extra_models:  # "name" or "name:signature", forced by clients only
             name, _, signature = key.partition(":")
-            self.models.setdefault(self.key(name, signature or "serving_default"),
-                                   ModelInfo(name, signature or "serving_default"))
+            signature = signature or "serving_default"
+            self.models.setdefault(self.key(name, signature), ModelInfo(name, signature))
 
     @staticmethod
     def key(name: str, signature: str) -> str:

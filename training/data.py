@@ -70,11 +70,15 @@ def decode(image_bytes: tf.Tensor) -> tf.Tensor:
     return image
 
 
+def resize_normalise(image: tf.Tensor, size: int) -> tf.Tensor:
+    """Decoded RGB [H, W, 3] (uint8 or float 0..255) -> float32 [size, size, 3] in [-1, 1] (steps 2 and 3)."""
+    image = tf.image.resize(tf.cast(image, tf.float32), [size, size], method="bilinear", antialias=True)
+    return image / 127.5 - 1.0
+
+
 def preprocess(image_bytes: tf.Tensor, size: int) -> tf.Tensor:
     """Encoded image bytes (scalar string) -> float32 [size, size, 3] in [-1, 1]."""
-    image = tf.cast(decode(image_bytes), tf.float32)
-    image = tf.image.resize(image, [size, size], method="bilinear", antialias=True)
-    return image / 127.5 - 1.0
+    return resize_normalise(decode(image_bytes), size)
 
 
 def preprocess_batch(image_bytes: tf.Tensor, size: int) -> tf.Tensor:
@@ -117,7 +121,7 @@ def make_dataset(
     paths = tf.constant([str(p.path) for p in photos])
     one_hot = np.eye(len(classes), dtype=np.float32)
     targets = np.stack([soft_targets[p.image_id] if soft_targets else one_hot[index[p.class_id]] for p in photos])
-    ds = tf.data.Dataset.from_tensor_slices((paths, targets.astype(np.float32)))
+    ds = tf.data.Dataset.from_tensor_slices((paths, targets))
     ds = ds.map(
         lambda path, y: (preprocess(tf.io.read_file(path), size), y),
         num_parallel_calls=tf.data.AUTOTUNE,

@@ -24,6 +24,7 @@ from carrecog.v1 import recognition_service_pb2 as pb
 from carrecog.v1 import recognition_service_pb2_grpc as pb_grpc
 from common.data import data_dir
 from common.plugins import DEFAULT_PLUGINS_DIR, load_plugins
+from router_service.catalog import ModelCatalog
 from scripts.stack import start_logo_service, start_model_server, start_router
 from training.metrics import Scores, write_reports
 from training.split import load_split, read_labels
@@ -53,8 +54,8 @@ def recognise_all(stub: pb_grpc.RecognitionServiceStub, rows: list[dict], top_k:
 
 
 def model_key(model: pb.ServedModel) -> str:
-    """The name force_model takes: "name", or "name:signature" for another signature."""
-    return model.name if model.signature_name == "serving_default" else f"{model.name}:{model.signature_name}"
+    """The name force_model takes for a listed model (the router's catalog key)."""
+    return ModelCatalog.key(model.name, model.signature_name)
 
 
 def evaluate(rows: list[dict], router_address: str) -> dict:

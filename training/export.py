@@ -70,17 +70,24 @@ class Servable(tf.Module):
         images = data.preprocess_batch(image_bytes, self._plain.size)
         trainable = [tf.cast(v, tf.float32) for v in self.trainable_f16]
         non_trainable = [tf.cast(v, tf.float32) for v in self.non_trainable_f16]
-        n, c = tf.shape(image_bytes)[0], len(self._plain.labels)
 
         def classify() -> tf.Tensor:
             probabilities, _ = self._plain.model.stateless_call(trainable, non_trainable, images, training=False)
             return probabilities
 
-        # An empty batch answers an empty [0, C] (the convolutions reject batch 0 on CPU).
-        probabilities = tf.cond(n > 0, classify, lambda: tf.zeros([0, c], tf.float32))
-        labels = tf.broadcast_to(tf.constant(self._plain.labels)[tf.newaxis, :], [n, c])
-        labels = tf.ensure_shape(labels, [None, c])
-        return {"probabilities": tf.ensure_shape(probabilities, [None, c]), "labels": labels}
+        return signature_outputs(image_bytes, self._plain.labels, classify)
+
+
+def signature_outputs(image_bytes: tf.Tensor, labels: list[str], classify) -> dict[str, tf.Tensor]:
+    """The serving contract's outputs: `classify()`'s [N, C] probabilities and the labels row per image.
+
+    An empty batch answers an empty [0, C] without calling `classify` (the
+    convolutions reject batch 0 on CPU).
+    """
+    n, c = tf.shape(image_bytes)[0], len(labels)
+    probabilities = tf.cond(n > 0, classify, lambda: tf.zeros([0, c], tf.float32))
+    label_rows = tf.ensure_shape(tf.broadcast_to(tf.constant(labels)[tf.newaxis, :], [n, c]), [None, c])
+    return {"probabilities": tf.ensure_shape(probabilities, [None, c]), "labels": label_rows}
 
 
 def dir_bytes(path: Path) -> int:

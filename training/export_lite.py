@@ -34,7 +34,7 @@ import tensorflow as tf
 
 from training import data
 from training.efficientnet_lite import build_parts, load_imagenet_weights
-from training.export import dir_bytes, predict_files, topk_metrics
+from training.export import dir_bytes, predict_files, signature_outputs, topk_metrics
 from training.split import load_split, split_hash
 from training.train import machine
 
@@ -65,17 +65,11 @@ class LiteServable(tf.Module):
         return self.top(self.bottom(images, training=False), training=False)
 
     def _serve(self, name: str, image_bytes: tf.Tensor) -> dict[str, tf.Tensor]:
-        labels = self._plain.labels[name]
-        n, c = tf.shape(image_bytes)[0], len(labels)
-
         def classify() -> tf.Tensor:
             images = data.preprocess_batch(image_bytes, self._plain.size)
             return tf.nn.softmax(self.features(images) @ self.kernels[name] + self.biases[name])
 
-        # An empty batch answers an empty [0, C] (the convolutions reject batch 0 on CPU).
-        probabilities = tf.cond(n > 0, classify, lambda: tf.zeros([0, c], tf.float32))
-        label_rows = tf.ensure_shape(tf.broadcast_to(tf.constant(labels)[tf.newaxis, :], [n, c]), [None, c])
-        return {"probabilities": tf.ensure_shape(probabilities, [None, c]), "labels": label_rows}
+        return signature_outputs(image_bytes, self._plain.labels[name], classify)
 
 
 def export_savedmodel(bottom: keras.Model, top: keras.Model, heads: dict, size: int, export_dir: Path) -> Path:

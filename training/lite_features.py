@@ -42,14 +42,14 @@ def view(image_bytes: tf.Tensor, size: int, index: int, seed: int) -> tf.Tensor:
         return data.preprocess(image_bytes, size)
     if index == 1:
         return tf.image.flip_left_right(data.preprocess(image_bytes, size))
-    image = tf.cast(data.decode(image_bytes), tf.float32)
+    image = data.decode(image_bytes)
     shape = tf.shape(image)[:2]
     seeds = tf.random.experimental.stateless_split([seed, index], 4)
     frac = tf.random.stateless_uniform([2], seeds[0], 0.8, 1.0)
     crop = tf.cast(tf.cast(shape, tf.float32) * frac, tf.int32)
     offset = tf.cast(tf.random.stateless_uniform([2], seeds[1]) * tf.cast(shape - crop + 1, tf.float32), tf.int32)
     image = image[offset[0] : offset[0] + crop[0], offset[1] : offset[1] + crop[1]]
-    image = tf.image.resize(image, [size, size], method="bilinear", antialias=True) / 127.5 - 1.0
+    image = data.resize_normalise(image, size)
     flip = tf.random.stateless_uniform([], seeds[2]) < 0.5
     return tf.cond(flip, lambda: tf.image.flip_left_right(image), lambda: image)
 

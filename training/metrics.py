@@ -66,11 +66,7 @@ class Scores:
         return np.array([t == p for t, p in zip(self.truth, self.top1)], bool)
 
     def ece(self) -> float:
-        """Expected calibration error of the top-1 confidence over ECE_BINS equal-width bins."""
-        conf, hit = np.array(self.confidence), self.correct()
-        bins = np.minimum((conf * ECE_BINS).astype(int), ECE_BINS - 1)
-        return float(sum(abs(conf[bins == b].mean() - hit[bins == b].mean()) * (bins == b).mean()
-                         for b in range(ECE_BINS) if (bins == b).any()))
+        return expected_calibration_error(np.array(self.confidence), self.correct())
 
     def summary(self, with_logo: bool) -> dict:
         n = len(self.truth)
@@ -122,6 +118,13 @@ class Scores:
         cv2.putText(canvas, f"{self.name}: accuracy per confidence bin, ECE {self.ece():.3f}", (margin, 20),
                     cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1)
         cv2.imwrite(str(path), canvas)
+
+
+def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray) -> float:
+    """ECE of top-1 confidences over ECE_BINS equal-width bins (training and evaluation share it)."""
+    bins = np.minimum((confidence * ECE_BINS).astype(int), ECE_BINS - 1)
+    return float(sum(abs(confidence[bins == b].mean() - correct[bins == b].mean()) * (bins == b).mean()
+                     for b in range(ECE_BINS) if (bins == b).any()))
 
 
 def _mean(values) -> float:

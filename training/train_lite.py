@@ -42,7 +42,9 @@ import tensorflow as tf
 from common.plugins import DEFAULT_PLUGINS_DIR, load_plugins
 from training import data
 from training.efficientnet_lite import build_parts, load_imagenet_weights
+from training.export import topk_metrics
 from training.lite_features import load as load_features
+from training.metrics import expected_calibration_error
 from training.split import data_dir, load_split
 from training.train import machine, write_json
 
@@ -70,11 +72,6 @@ def pooled(top: keras.Model, features: np.ndarray, batch: int = 256) -> np.ndarr
                            for i in range(0, len(features), batch)])
 
 
-def accuracy(logits: np.ndarray, y: np.ndarray) -> dict:
-    top5 = np.argsort(-logits, axis=1)[:, :5]
-    return {"top1": float(np.mean(top5[:, 0] == y)), "top5": float(np.mean((top5 == y[:, None]).any(1))), "n": len(y)}
-
-
 def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
     """The temperature T minimising the val negative log-likelihood of softmax(logits / T)."""
     def nll(t):
@@ -85,16 +82,9 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
     return float(grid[np.argmin([nll(t) for t in grid])])
 
 
-def ece(logits: np.ndarray, y: np.ndarray, bins: int = 15) -> float:
+def ece(logits: np.ndarray, y: np.ndarray) -> float:
     p = tf.nn.softmax(logits).numpy()
-    conf, pred = p.max(1), p.argmax(1)
-    edges = np.linspace(0, 1, bins + 1)
-    total = 0.0
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        m = (conf > lo) & (conf <= hi)
-        if m.any():
-            total += m.mean() * abs(np.mean(pred[m] == y[m]) - conf[m].mean())
-    return float(total)
+    return expected_calibration_error(p.max(1), p.argmax(1) == y)
 
 
 def train_global(run: Path, cfg: dict, resume: bool) -> tuple[keras.Model, keras.layers.Dense, list]:
@@ -152,7 +142,7 @@ def train_global(run: Path, cfg: dict, resume: bool) -> tuple[keras.Model, keras
             if s % 10 == 0 or s == steps_per_epoch - 1:
                 print(f"\repoch {e + 1}/{cfg['epochs']} step {s + 1}/{steps_per_epoch} loss {np.mean(losses):.3f} "
                       f"({(s + 1) * cfg['batch'] / (time.time() - t0):.0f} img/s)", end="", flush=True)
-        val = accuracy(head(pooled(top, val_x[0])).numpy(), y_val)
+        val = topk_metrics(head(pooled(top, val_x[0])).numpy(), y_val)
         history.append({"epoch": e + 1, "loss": float(np.mean(losses)), "val": val, "seconds": round(time.time() - t0, 1)})
         print(f"\nepoch {e + 1}: loss {np.mean(losses):.3f} val top1 {val['top1']:.3f} top5 {val['top5']:.3f}", flush=True)
         epoch.assign(e + 1)
@@ -166,7 +156,7 @@ def train_brand_head(w: np.ndarray, b: np.ndarray, feats: np.ndarray, y: np.ndar
     """Fine-tune a brand's rows of the global layer on its photos; the best on val (step 0 included)."""
     kernel, bias = tf.Variable(w), tf.Variable(b)
     opt = keras.optimizers.AdamW(lr, weight_decay=1e-4)
-    best = (accuracy(val_feats @ w + b, y_val)["top1"], 0, w.copy(), b.copy())
+    best = (topk_metrics(val_feats @ w + b, y_val)["top1"], 0, w.copy(), b.copy())
     rng = np.random.default_rng(0)
     for s in range(1, steps + 1):
         idx = rng.integers(0, len(y), 64)
@@ -174,7 +164,7 @@ def train_brand_head(w: np.ndarray, b: np.ndarray, feats: np.ndarray, y: np.ndar
             loss = smoothed_loss(tf.constant(feats[idx]) @ kernel + bias, y[idx], w.shape[1], 0.1)
         opt.apply_gradients(zip(tape.gradient(loss, [kernel, bias]), [kernel, bias]))
         if s % 25 == 0:
-            top1 = accuracy(val_feats @ kernel.numpy() + bias.numpy(), y_val)["top1"]
+            top1 = topk_metrics(val_feats @ kernel.numpy() + bias.numpy(), y_val)["top1"]
             if top1 > best[0]:
                 best = (top1, s, kernel.numpy(), bias.numpy())
     return best
@@ -230,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
         for split in ("val", "test"):
             features, y = restrict(split, members)
             logits = features @ kernel + bias
-            metrics[split] = {**accuracy(logits, y), "ece": ece(logits, y)}
+            metrics[split] = {**topk_metrics(logits, y), "ece": ece(logits, y)}
         heads[f"{name}/kernel"], heads[f"{name}/bias"] = kernel.astype(np.float32), bias.astype(np.float32)
         report[name] = {"classes": [classes[c].to_json() for c in members], **metrics}
         print(f"{name}: T={t:.2f} val top1 {metrics['val']['top1']:.3f} test top1 {metrics['test']['top1']:.3f} "
@@ -240,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
     for plugin in load_plugins(DEFAULT_PLUGINS_DIR, data_dir(), check_logos=False).values():
         members = [i for i, c in enumerate(classes) if c.make in plugin.makes]
         (f_train, y_train), (f_val, y_val) = restrict("train", members), restrict("val", members)
-        start_top1 = accuracy(f_val @ w[:, members] + b[members], y_val)["top1"]
+        start_top1 = topk_metrics(f_val @ w[:, members] + b[members], y_val)["top1"]
         best_top1, best_step, kernel, bias = train_brand_head(w[:, members], b[members], f_train, y_train, f_val, y_val)
         # With 50-100 val photos per brand, one or two photos decide a small gain; such a gain did
         # not hold on test (audi: +1.4 points on val, -7 on test). Keep the tuned head only for a
