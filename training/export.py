@@ -1,10 +1,11 @@
 """Export a training run as a TensorFlow Serving SavedModel, with its model card.
 
-    python -m training.export --run runs/global --model-name global --version 1 [--base serving_models]
+    python -m training.export --run runs/global --model-name global --version 2 --brand-signatures
 
 writes serving_models/<name>/<version>/
     saved_model.pb, variables/   weights stored as float16, cast to float32 in-graph
     assets/labels.txt            one "<make>|<model>|<year>" label per line, tracked by the SavedModel
+    assets/labels_<slug>.txt     the same for each brand signature
     model_card.json              architecture, preprocessing, classes, split hash, metrics, how it was made
 
 Signature "serving_default" (the router and the model server rely on it):
@@ -13,6 +14,14 @@ Signature "serving_default" (the router and the model server rely on it):
              labels         DT_STRING [-1, C]    the class labels, the same row repeated per image
 Decoding, resizing and normalising run in-graph with `training.data.preprocess`,
 the function used in training. A bad image fails the request with InvalidArgument.
+
+The head's logits are divided by a temperature fitted on the val photos (NLL),
+so a confidence of 0.8 means right about 80% of the time; the card records it.
+
+--brand-signatures adds one signature per brand plugin (named by its slug, e.g.
+"audi") with the same contract over that brand's classes only: the softmax of
+the global logits restricted to them. Seven classifiers then share one trunk on
+disk and in memory; a plugin names {"name": "global", "signature": "audi"}.
 """
 from __future__ import annotations
 
@@ -24,6 +33,7 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -31,8 +41,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from common.plugins import DEFAULT_PLUGINS_DIR, load_plugins
 from training import data
-from training.split import Photo, load_split, split_hash
+from training.metrics import expected_calibration_error, fit_temperature
+from training.split import Photo, data_dir, load_split, split_hash
 from training.train import load_checkpoint, machine
 
 ARCHITECTURE = {
@@ -41,41 +53,67 @@ ARCHITECTURE = {
 }
 
 
-def _float16(variable: keras.Variable) -> tf.Variable:
-    value = variable.numpy().astype(np.float16)
+def _float16(value: np.ndarray, name: str) -> tf.Variable:
+    value = np.asarray(value).astype(np.float16)
     if not np.isfinite(value).all():
-        raise ValueError(f"{variable.path} overflows float16 (|x| > 65504)")
+        raise ValueError(f"{name} overflows float16 (|x| > 65504)")
     return tf.Variable(value, trainable=False)
 
 
-class Servable(tf.Module):
-    """float16 copies of a Keras model's weights + the serving function.
+@dataclass(frozen=True)
+class Head:
+    """One signature: its labels and which columns of the trained head it keeps (None: all)."""
+    labels: list[str]
+    columns: list[int] | None = None
 
-    The Keras model itself is held in a non-trackable namespace, so its float32
-    variables are not saved; the graph calls `model.stateless_call` with the
-    float16 variables cast to float32.
+
+class Servable(tf.Module):
+    """float16 copies of the trunk's and head's weights + one serving function per head.
+
+    The Keras trunk itself is held in a non-trackable namespace, so its float32
+    variables are not saved; the graph calls `trunk.stateless_call` with the
+    float16 variables cast to float32, then the temperature-scaled head.
     """
 
-    def __init__(self, model: keras.Model, labels: list[str], size: int, labels_file: Path):
+    def __init__(self, model: keras.Model, heads: dict[str, Head], size: int, temperature: float, assets_dir: Path):
         super().__init__(name="servable")
-        self._plain = SimpleNamespace(model=model, labels=list(labels), size=size)  # not tracked
-        self.trainable_f16 = [_float16(v) for v in model.trainable_variables]
-        self.non_trainable_f16 = [_float16(v) for v in model.non_trainable_variables]
-        self.labels_asset = tf.saved_model.Asset(str(labels_file))
-        self.serve = tf.function(
-            self._serve, input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")]
-        )
+        trunk, head = model.get_layer("trunk"), model.get_layer("head")
+        self._plain = SimpleNamespace(trunk=trunk, heads=dict(heads), size=size)  # not tracked
+        self.trunk_trainable = [_float16(v.numpy(), v.path) for v in trunk.trainable_variables]
+        self.trunk_non_trainable = [_float16(v.numpy(), v.path) for v in trunk.non_trainable_variables]
+        self.kernel = _float16(head.kernel.numpy() / temperature, "head kernel")
+        self.bias = _float16(head.bias.numpy() / temperature, "head bias")
+        self.label_assets = {}
+        for name, h in heads.items():
+            path = assets_dir / labels_asset_name(name)
+            path.write_text("\n".join(h.labels) + "\n")
+            self.label_assets[name] = tf.saved_model.Asset(str(path))
+        self.functions = {name: self._signature(name) for name in heads}
 
-    def _serve(self, image_bytes: tf.Tensor) -> dict[str, tf.Tensor]:
-        images = data.preprocess_batch(image_bytes, self._plain.size)
-        trainable = [tf.cast(v, tf.float32) for v in self.trainable_f16]
-        non_trainable = [tf.cast(v, tf.float32) for v in self.non_trainable_f16]
+    def _signature(self, name: str):
+        def serve(image_bytes):
+            return self._serve(name, image_bytes)
+
+        return tf.function(serve, input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+
+    def _serve(self, name: str, image_bytes: tf.Tensor) -> dict[str, tf.Tensor]:
+        head = self._plain.heads[name]
 
         def classify() -> tf.Tensor:
-            probabilities, _ = self._plain.model.stateless_call(trainable, non_trainable, images, training=False)
-            return probabilities
+            images = data.preprocess_batch(image_bytes, self._plain.size)
+            trainable = [tf.cast(v, tf.float32) for v in self.trunk_trainable]
+            non_trainable = [tf.cast(v, tf.float32) for v in self.trunk_non_trainable]
+            features, _ = self._plain.trunk.stateless_call(trainable, non_trainable, images, training=False)
+            logits = features @ tf.cast(self.kernel, tf.float32) + tf.cast(self.bias, tf.float32)
+            if head.columns is not None:  # restrict in logit space: no underflowed probabilities to renormalise
+                logits = tf.gather(logits, head.columns, axis=1)
+            return tf.nn.softmax(logits)
 
-        return signature_outputs(image_bytes, self._plain.labels, classify)
+        return signature_outputs(image_bytes, head.labels, classify)
+
+
+def labels_asset_name(signature: str) -> str:
+    return "labels.txt" if signature == "serving_default" else f"labels_{signature}.txt"
 
 
 def signature_outputs(image_bytes: tf.Tensor, labels: list[str], classify) -> dict[str, tf.Tensor]:
@@ -94,14 +132,34 @@ def dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
-def export_savedmodel(model: keras.Model, labels: list[str], size: int, export_dir: Path) -> Path:
-    """Write the SavedModel (with assets/labels.txt) to export_dir."""
+def export_savedmodel(model: keras.Model, heads: dict[str, Head], size: int, export_dir: Path,
+                     temperature: float = 1.0) -> Path:
+    """Write the SavedModel (one signature per head, a labels asset each) to export_dir."""
     with tempfile.TemporaryDirectory() as scratch:
-        labels_file = Path(scratch) / "labels.txt"
-        labels_file.write_text("\n".join(labels) + "\n")
-        module = Servable(model, labels, size, labels_file)
-        tf.saved_model.save(module, str(export_dir), signatures={"serving_default": module.serve.get_concrete_function()})
+        module = Servable(model, heads, size, temperature, Path(scratch))
+        signatures = {name: fn.get_concrete_function() for name, fn in module.functions.items()}
+        tf.saved_model.save(module, str(export_dir), signatures=signatures)
     return Path(export_dir)
+
+
+def brand_heads(classes: list[data.ClassInfo]) -> dict[str, Head]:
+    """One head per brand plugin whose makes are among `classes`: those classes' columns."""
+    heads = {}
+    for slug, plugin in sorted(load_plugins(DEFAULT_PLUGINS_DIR, data_dir()).items()):
+        columns = [i for i, c in enumerate(classes) if c.make in plugin.makes]
+        if columns:
+            heads[slug] = Head([classes[i].label for i in columns], columns)
+    return heads
+
+
+def val_logits(model: keras.Model, photos: list[Photo], size: int) -> np.ndarray:
+    """The trained head's logits (float32 Keras model) for the photos, preprocessed as in training."""
+    trunk, head = model.get_layer("trunk"), model.get_layer("head")
+    features = []
+    for i in range(0, len(photos), 64):
+        images = data.preprocess_batch(tf.constant([p.path.read_bytes() for p in photos[i : i + 64]]), size)
+        features.append(trunk.predict(images, verbose=0))
+    return np.concatenate(features) @ head.kernel.numpy() + head.bias.numpy()
 
 
 def predict_files(serve, photos: list[Photo], batch: int = 64) -> np.ndarray:
@@ -122,21 +180,28 @@ def topk_metrics(probs: np.ndarray, targets: np.ndarray) -> dict:
     }
 
 
-def evaluate(export_dir: Path, model: keras.Model, classes: list[data.ClassInfo], size: int) -> dict:
-    """Val/test accuracy of the exported SavedModel itself, and its largest probability
-    difference from the float32 Keras model on 50 val photos."""
-    serve = tf.saved_model.load(str(export_dir)).signatures["serving_default"]
-    index = {c.class_id: i for i, c in enumerate(classes)}
-    photos = [p for p in load_split() if p.class_id in index]
+def evaluate(export_dir: Path, model: keras.Model, classes: list[data.ClassInfo], heads: dict[str, Head],
+             size: int, temperature: float) -> dict:
+    """Val/test top-1/top-5/ECE of every signature of the exported SavedModel on its own classes'
+    photos, and serving_default's largest probability difference from the float32 Keras model
+    (same temperature) on 50 val photos."""
+    loaded = tf.saved_model.load(str(export_dir))
+    photos = load_split()
     result: dict = {}
-    for split in ("val", "test"):
-        subset = [p for p in photos if p.split == split]
-        probs = predict_files(serve, subset)
-        result[split] = topk_metrics(probs, np.array([index[p.class_id] for p in subset]))
-    sample = [p for p in photos if p.split == "val"][:50]
-    served = predict_files(serve, sample)
-    images = data.preprocess_batch(tf.constant([p.path.read_bytes() for p in sample]), size)
-    reference = model.predict(images, verbose=0)
+    for name, head in heads.items():
+        column_ids = [classes[i].class_id for i in (head.columns or range(len(classes)))]
+        index = {cid: i for i, cid in enumerate(column_ids)}
+        result[name] = {}
+        for split in ("val", "test"):
+            subset = [p for p in photos if p.split == split and p.class_id in index]
+            probs = predict_files(loaded.signatures[name], subset)
+            targets = np.array([index[p.class_id] for p in subset])
+            result[name][split] = {**topk_metrics(probs, targets),
+                                   "ece": expected_calibration_error(probs.max(1), probs.argmax(1) == targets)}
+    known = {c.class_id for c in classes}
+    sample = [p for p in photos if p.split == "val" and p.class_id in known][:50]
+    served = predict_files(loaded.signatures["serving_default"], sample)
+    reference = tf.nn.softmax(val_logits(model, sample, size) / temperature).numpy()
     result["float16_vs_float32"] = {
         "max_abs_prob_diff": float(np.abs(served - reference).max()),
         "top1_agreement": float(np.mean(served.argmax(1) == reference.argmax(1))),
@@ -151,28 +216,36 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model-name", required=True, help="TF Serving model name, e.g. global or audi")
     p.add_argument("--version", type=int, required=True)
     p.add_argument("--base", default="serving_models", help="TF Serving model base folder")
+    p.add_argument("--brand-signatures", action="store_true",
+                   help="add a signature per brand plugin over that brand's classes (for the global model)")
     p.add_argument("--force", action="store_true", help="replace an existing version folder")
     args = p.parse_args(argv)
 
     t0 = time.time()
     model, state = load_checkpoint(Path(args.run))
     classes = [data.ClassInfo(c["class_id"], c["make"], c["model"], c["year"]) for c in state["classes"]]
-    labels = [c.label for c in classes]
     size = state["preprocessing"]["size"]
     export_dir = Path(args.base) / args.model_name / str(args.version)
     if export_dir.exists() and not args.force:
         raise SystemExit(f"{export_dir} exists; versions are immutable (--force replaces it)")
+    photos = load_split()
+    current_hash = split_hash(photos)
+    if current_hash != state["split_hash"]:
+        print(f"WARNING: split hash changed since training: {state['split_hash']} -> {current_hash}")
+    index = {c.class_id: i for i, c in enumerate(classes)}
+    val = [p for p in photos if p.split == "val" and p.class_id in index]
+    temperature = fit_temperature(val_logits(model, val, size), np.array([index[p.class_id] for p in val]))
+    heads = {"serving_default": Head([c.label for c in classes])}
+    if args.brand_signatures:
+        heads.update(brand_heads(classes))
     # Build the version in a hidden sibling and rename it at the end, so a model
     # server polling the base path never loads half a version.
     staging = export_dir.parent / f".tmp-{args.version}"
     shutil.rmtree(staging, ignore_errors=True)
-    export_savedmodel(model, labels, size, staging)
-    assert (staging / "assets" / "labels.txt").read_text().splitlines() == labels
+    export_savedmodel(model, heads, size, staging, temperature)
+    assert (staging / "assets" / "labels.txt").read_text().splitlines() == heads["serving_default"].labels
 
-    current_hash = split_hash(load_split())
-    if current_hash != state["split_hash"]:
-        print(f"WARNING: split hash changed since training: {state['split_hash']} -> {current_hash}")
-    metrics = evaluate(staging, model, classes, size)
+    metrics = evaluate(staging, model, classes, heads, size, temperature)
     cfg = state["config"]
     card = {
         "name": args.model_name,
@@ -181,17 +254,27 @@ def main(argv: list[str] | None = None) -> None:
         "parameters": int(model.count_params()),
         "input_size": [size, size, 3],
         "preprocessing": state["preprocessing"],
-        "signature": {
-            "name": "serving_default",
-            "inputs": {"image_bytes": "DT_STRING [-1] encoded JPEG/PNG"},
-            "outputs": {"probabilities": "DT_FLOAT [-1, C] softmax", "labels": "DT_STRING [-1, C] '<make>|<model>|<year>'"},
+        "signatures": {
+            name: {
+                "inputs": {"image_bytes": "DT_STRING [-1] encoded JPEG/PNG"},
+                "outputs": {"probabilities": "DT_FLOAT [-1, C] softmax",
+                            "labels": "DT_STRING [-1, C] '<make>|<model>|<year>'"},
+                "labels_asset": labels_asset_name(name),
+                "num_classes": len(head.labels),
+                "scope": ("all classes of the run" if head.columns is None
+                          else f"the global logits restricted to brand plugin {name!r}'s classes"),
+                "metrics": metrics[name],
+            }
+            for name, head in heads.items()
         },
+        "temperature": {"value": temperature,
+                        "how": "logits / T, T minimising the val negative log-likelihood (training.metrics)"},
         "weights_dtype": "float16 (cast to float32 in-graph)",
         "num_classes": len(classes),
         "classes": [c.to_json() for c in classes],
         "scope": "all classes" if cfg["model"] == "global" else f"classes of brand plugin {cfg['model']!r}",
         "split_hash": state["split_hash"],
-        "metrics": metrics,
+        "metrics": {**metrics["serving_default"], "float16_vs_float32": metrics["float16_vs_float32"]},
         "training": {
             "command": state["command"],
             "commands": state["commands"],
@@ -215,13 +298,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.force:
         shutil.rmtree(export_dir, ignore_errors=True)
     staging.rename(export_dir)
-    m = metrics
-    print(
-        f"exported {export_dir}: {len(classes)} classes, variables {card['export']['variables_bytes'] / 1e6:.1f} MB | "
-        f"val top1 {m['val']['top1']:.3f} top5 {m['val']['top5']:.3f} (n={m['val']['n']}) | "
-        f"test top1 {m['test']['top1']:.3f} top5 {m['test']['top5']:.3f} (n={m['test']['n']}) | "
-        f"fp16 vs fp32 max prob diff {m['float16_vs_float32']['max_abs_prob_diff']:.2e}"
-    )
+    for name, m in metrics.items():
+        if name != "float16_vs_float32":
+            print(f"{name}: val top1 {m['val']['top1']:.3f} ece {m['val']['ece']:.3f} (n={m['val']['n']}) | "
+                  f"test top1 {m['test']['top1']:.3f} top5 {m['test']['top5']:.3f} ece {m['test']['ece']:.3f} "
+                  f"(n={m['test']['n']})")
+    print(f"exported {export_dir}: {len(classes)} classes, signatures {sorted(heads)}, temperature "
+          f"{temperature:.3f}, variables {card['export']['variables_bytes'] / 1e6:.1f} MB, fp16 vs fp32 max prob "
+          f"diff {metrics['float16_vs_float32']['max_abs_prob_diff']:.2e}")
 
 
 if __name__ == "__main__":

@@ -127,6 +127,16 @@ def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray) -> f
                      for b in range(ECE_BINS) if (bins == b).any()))
 
 
+def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
+    """The temperature T minimising the val negative log-likelihood of softmax(logits / T)."""
+    def nll(t):
+        z = logits / t
+        z = z - z.max(1, keepdims=True)
+        return float(np.mean(np.log(np.exp(z).sum(1)) - z[np.arange(len(y)), y]))
+    grid = np.exp(np.linspace(np.log(0.3), np.log(5.0), 200))
+    return float(grid[np.argmin([nll(t) for t in grid])])
+
+
 def _mean(values) -> float:
     values = list(values)
     return round(float(np.mean(values)), 4) if values else 0.0

@@ -44,7 +44,7 @@ from training import data
 from training.efficientnet_lite import build_parts, load_imagenet_weights
 from training.export import topk_metrics
 from training.lite_features import load as load_features
-from training.metrics import expected_calibration_error
+from training.metrics import expected_calibration_error, fit_temperature
 from training.split import data_dir, load_split
 from training.train import machine, write_json
 
@@ -70,16 +70,6 @@ def pooled(top: keras.Model, features: np.ndarray, batch: int = 256) -> np.ndarr
     run = tf.function(lambda x: top(x, training=False))
     return np.concatenate([run(tf.constant(features[i : i + batch], tf.float32)).numpy()
                            for i in range(0, len(features), batch)])
-
-
-def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
-    """The temperature T minimising the val negative log-likelihood of softmax(logits / T)."""
-    def nll(t):
-        z = logits / t
-        z = z - z.max(1, keepdims=True)
-        return float(np.mean(np.log(np.exp(z).sum(1)) - z[np.arange(len(y)), y]))
-    grid = np.exp(np.linspace(np.log(0.3), np.log(5.0), 200))
-    return float(grid[np.argmin([nll(t) for t in grid])])
 
 
 def ece(logits: np.ndarray, y: np.ndarray) -> float:
