@@ -44,6 +44,7 @@ def to_json(image: Path, response: pb.RecognizeResponse) -> dict:
         "year": response.year,
         "label": response.label,
         "confidence": round(response.confidence, 4),
+        "make_confidence": round(response.make_confidence, 4),
         "route": pb.Route.Name(response.route).removeprefix("ROUTE_").lower(),
         "route_detail": response.route_detail,
         "model_name": response.model_name,

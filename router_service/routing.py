@@ -173,11 +173,30 @@ class Recognizer:
             label = prediction.labels[index]
             response.top_k.add(label=label.text, make=label.make, model=label.model, year=label.year,
                                confidence=float(prediction.probabilities[index]))
-        best = response.top_k[0]
-        response.make, response.model, response.year = best.make, best.model, best.year
-        response.label, response.confidence = best.label, best.confidence
+        best, make_probability = choose_answer(prediction)
+        label = prediction.labels[best]
+        response.make, response.model, response.year = label.make, label.model, label.year
+        response.label, response.confidence = label.text, float(prediction.probabilities[best])
+        response.make_confidence = make_probability
         response.model_name, response.model_version = model.name, prediction.version
         response.signature_name = prediction.signature
+
+
+def choose_answer(prediction: Prediction) -> tuple[int, float]:
+    """(index of the answer's class, its make's probability).
+
+    The make first: the probabilities of each make's classes summed, the most
+    probable make kept, then its most probable class. This is the Bayes choice
+    for the make, and it differs from the top class when probability is spread
+    over one make's lookalike models (on the val split: make top-1 0.883 ->
+    0.894, class top-1 0.791 -> 0.796).
+    """
+    probabilities = prediction.probabilities
+    makes, make_of_class = np.unique([label.make for label in prediction.labels], return_inverse=True)
+    make_totals = np.bincount(make_of_class, weights=probabilities, minlength=len(makes))
+    make = int(np.argmax(make_totals))
+    members = np.flatnonzero(make_of_class == make)
+    return int(members[np.argmax(probabilities[members])]), float(make_totals[make])
 
 
 def _timeout(stage_limit: float, deadline: float | None) -> float:

@@ -29,6 +29,7 @@ def test_logo_gated_route_uses_the_brand_model(recognition, logo_hit, plugins):
     assert brand in reply.route_detail
     # a brand model only knows its own brand's classes
     assert all(p.make in plugins[brand].makes for p in reply.top_k)
+    assert reply.make_confidence == pytest.approx(1.0, abs=1e-5)  # a one-make brand: certain of the make
     box = reply.logo.box
     assert 0 <= box.x_min < box.x_max and 0 <= box.y_min < box.y_max
     stages = {t.stage for t in reply.timings}
@@ -42,7 +43,11 @@ def test_no_logo_goes_to_the_global_model(recognition, no_logo_photo):
     assert len(reply.top_k) == 7
     confidences = [p.confidence for p in reply.top_k]
     assert confidences == sorted(confidences, reverse=True) and 0 < sum(confidences) <= 1.0001
-    assert reply.label == reply.top_k[0].label == f"{reply.make} {reply.model} {reply.year}"
+    assert reply.label == f"{reply.make} {reply.model} {reply.year}"
+    # the answer is its make's most probable class; the make's probability sums its classes
+    assert reply.confidence == max(p.confidence for p in reply.top_k if p.make == reply.make)
+    assert reply.confidence <= reply.make_confidence <= 1.0001
+    assert reply.make_confidence >= sum(p.confidence for p in reply.top_k if p.make == reply.make) - 1e-5
 
 
 def test_skip_logo_and_forced_model(recognition, logo_hit):

@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
             "commands": [
                 shlex.join(["python", "-m", "training.lite_features", "--variant", feats["variant"], "--size",
                             str(feats["size"]), "--cut", str(feats["cut"]), "--views", str(feats["views"]),
-                            "--out", str(run)]),
+                            "--out", state.get("features_dir", str(run))]),
                 *state["commands"],
             ],
             "config": state["config"],

@@ -52,7 +52,7 @@ class Scores:
                 continue
             r = result.response
             keys = [(p.make, p.model, p.year) for p in r.top_k]
-            self.top1.append(keys[0])
+            self.top1.append((r.make, r.model, r.year))  # the answer (make first), not always top_k[0]
             self.top5_hit.append(truth in keys[:5])
             self.confidence.append(r.confidence)
             self.make_hit.append(r.make == truth[0])

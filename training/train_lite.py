@@ -77,7 +77,7 @@ def ece(logits: np.ndarray, y: np.ndarray) -> float:
     return expected_calibration_error(p.max(1), p.argmax(1) == y)
 
 
-def train_global(run: Path, cfg: dict, resume: bool) -> tuple[keras.Model, keras.layers.Dense, list]:
+def train_global(run: Path, out: Path, cfg: dict, resume: bool) -> tuple[keras.Model, keras.layers.Dense, list]:
     meta = json.loads((run / "features.json").read_text())["config"]
     train_x, _, train_cls = load_features(run, "train")
     val_x, _, val_cls = load_features(run, "val")
@@ -96,11 +96,11 @@ def train_global(run: Path, cfg: dict, resume: bool) -> tuple[keras.Model, keras
     opt_head.build(head.trainable_variables)
     epoch = tf.Variable(0)
     ckpt = tf.train.Checkpoint(top=top, head=head, opt_top=opt_top, opt_head=opt_head, epoch=epoch)
-    manager = tf.train.CheckpointManager(ckpt, str(run / "ckpt"), max_to_keep=1)
+    manager = tf.train.CheckpointManager(ckpt, str(out / "ckpt"), max_to_keep=1)
     history = []
     if resume and manager.latest_checkpoint:
         ckpt.restore(manager.latest_checkpoint)
-        history = json.loads((run / "history.json").read_text())
+        history = json.loads((out / "history.json").read_text())
         print(f"resumed at epoch {int(epoch)}")
 
     @tf.function
@@ -137,7 +137,7 @@ def train_global(run: Path, cfg: dict, resume: bool) -> tuple[keras.Model, keras
         print(f"\nepoch {e + 1}: loss {np.mean(losses):.3f} val top1 {val['top1']:.3f} top5 {val['top5']:.3f}", flush=True)
         epoch.assign(e + 1)
         manager.save()
-        write_json(run / "history.json", history)
+        write_json(out / "history.json", history)
     return top, head, history
 
 
@@ -163,6 +163,7 @@ def train_brand_head(w: np.ndarray, b: np.ndarray, feats: np.ndarray, y: np.ndar
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", default="runs/lite0", help="folder of training.lite_features' cache")
+    p.add_argument("--out", default=None, help="folder for the checkpoint and results (default: --run)")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-3, help="new layer's peak rate; pretrained blocks get 1/10")
@@ -175,9 +176,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--resume", action="store_true")
     args = p.parse_args(argv)
     run = Path(args.run)
-    cfg = {k: v for k, v in vars(args).items() if k not in ("run", "resume")}
+    out = Path(args.out or args.run)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = {k: v for k, v in vars(args).items() if k not in ("run", "out", "resume")}
     t0 = time.time()
-    top, head, history = train_global(run, cfg, args.resume)
+    top, head, history = train_global(run, out, cfg, args.resume)
     train_seconds = sum(h["seconds"] for h in history)
 
     photos = load_split()
@@ -192,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     heads, report = {}, {}
     # Soft targets for distilling into the ResNet50s (training.train --teacher): plain view of each train photo.
     train_ids = load_features(run, "train")[1]
-    np.savez(run / "teacher.npz", image_ids=np.array(train_ids), class_ids=np.array([c.class_id for c in classes]),
+    np.savez(out / "teacher.npz", image_ids=np.array(train_ids), class_ids=np.array([c.class_id for c in classes]),
              logits=(splits["train"][0][: len(train_ids)] @ w + b).astype(np.float32))
 
     def restrict(split: str, members: list[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -232,12 +235,13 @@ def main(argv: list[str] | None = None) -> None:
             "val_top1_global_restricted": start_top1, "val_top1_tuned": best_top1, "tuning_steps": best_step,
             "tuned_head_kept": bool(kept)})
 
-    previous = json.loads((run / "lite.json").read_text()) if (run / "lite.json").exists() else {}
-    top.save_weights(run / "top.weights.h5")
-    np.savez(run / "heads.npz", **heads)
+    previous = json.loads((out / "lite.json").read_text()) if (out / "lite.json").exists() else {}
+    top.save_weights(out / "top.weights.h5")
+    np.savez(out / "heads.npz", **heads)
     meta = json.loads((run / "features.json").read_text())
-    write_json(run / "lite.json", {
+    write_json(out / "lite.json", {
         "features": meta["config"],
+        "features_dir": str(run),
         "config": cfg,
         "classes": [c.to_json() for c in classes],
         "heads": report,
@@ -248,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
         "total_seconds": round(time.time() - t0, 1),
         "machine": machine(),
     })
-    print(f"wrote {run}/top.weights.h5, heads.npz, lite.json")
+    print(f"wrote {out}/top.weights.h5, heads.npz, lite.json")
 
 
 if __name__ == "__main__":
