@@ -67,7 +67,36 @@ class Head:
     columns: list[int] | None = None
 
 
-class Servable(tf.Module):
+class SignatureModule(tf.Module):
+    """A SavedModel module with one serving signature per head, each with its labels asset.
+
+    Subclasses implement `_serve(name, image_bytes)` -> the contract's outputs.
+    """
+
+    def _add_signatures(self, labels: dict[str, list[str]], assets_dir: Path) -> None:
+        self.label_assets = {}
+        for name, names in labels.items():
+            path = assets_dir / labels_asset_name(name)
+            path.write_text("\n".join(names) + "\n")
+            self.label_assets[name] = tf.saved_model.Asset(str(path))
+        self.functions = {name: self._signature(name) for name in labels}
+
+    def _signature(self, name: str):
+        def serve(image_bytes):
+            return self._serve(name, image_bytes)
+
+        return tf.function(serve, input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+
+    def _serve(self, name: str, image_bytes: tf.Tensor) -> dict[str, tf.Tensor]:
+        raise NotImplementedError
+
+    def save(self, export_dir: Path) -> Path:
+        signatures = {name: fn.get_concrete_function() for name, fn in self.functions.items()}
+        tf.saved_model.save(self, str(export_dir), signatures=signatures)
+        return Path(export_dir)
+
+
+class Servable(SignatureModule):
     """float16 copies of the trunk's and head's weights + one serving function per head.
 
     The Keras trunk itself is held in a non-trackable namespace, so its float32
@@ -83,18 +112,7 @@ class Servable(tf.Module):
         self.trunk_non_trainable = [_float16(v.numpy(), v.path) for v in trunk.non_trainable_variables]
         self.kernel = _float16(head.kernel.numpy() / temperature, "head kernel")
         self.bias = _float16(head.bias.numpy() / temperature, "head bias")
-        self.label_assets = {}
-        for name, h in heads.items():
-            path = assets_dir / labels_asset_name(name)
-            path.write_text("\n".join(h.labels) + "\n")
-            self.label_assets[name] = tf.saved_model.Asset(str(path))
-        self.functions = {name: self._signature(name) for name in heads}
-
-    def _signature(self, name: str):
-        def serve(image_bytes):
-            return self._serve(name, image_bytes)
-
-        return tf.function(serve, input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+        self._add_signatures({name: h.labels for name, h in heads.items()}, assets_dir)
 
     def _serve(self, name: str, image_bytes: tf.Tensor) -> dict[str, tf.Tensor]:
         head = self._plain.heads[name]
@@ -136,10 +154,7 @@ def export_savedmodel(model: keras.Model, heads: dict[str, Head], size: int, exp
                      temperature: float = 1.0) -> Path:
     """Write the SavedModel (one signature per head, a labels asset each) to export_dir."""
     with tempfile.TemporaryDirectory() as scratch:
-        module = Servable(model, heads, size, temperature, Path(scratch))
-        signatures = {name: fn.get_concrete_function() for name, fn in module.functions.items()}
-        tf.saved_model.save(module, str(export_dir), signatures=signatures)
-    return Path(export_dir)
+        return Servable(model, heads, size, temperature, Path(scratch)).save(export_dir)
 
 
 def brand_heads(classes: list[data.ClassInfo]) -> dict[str, Head]:

@@ -34,12 +34,13 @@ import tensorflow as tf
 
 from training import data
 from training.efficientnet_lite import build_parts, load_imagenet_weights
-from training.export import dir_bytes, predict_files, signature_outputs, topk_metrics
+from training.export import (SignatureModule, dir_bytes, labels_asset_name, predict_files, signature_outputs,
+                             topk_metrics)
 from training.split import load_split, split_hash
 from training.train import machine
 
 
-class LiteServable(tf.Module):
+class LiteServable(SignatureModule):
     """The trunk (bottom + top Keras models), one linear head per signature, the labels."""
 
     def __init__(self, bottom: keras.Model, top: keras.Model, heads: dict, size: int, assets_dir: Path):
@@ -48,18 +49,7 @@ class LiteServable(tf.Module):
         self._plain = SimpleNamespace(size=size, labels={n: list(h["labels"]) for n, h in heads.items()})  # not tracked
         self.kernels = {n: tf.Variable(h["kernel"], trainable=False, name=f"{n}_kernel") for n, h in heads.items()}
         self.biases = {n: tf.Variable(h["bias"], trainable=False, name=f"{n}_bias") for n, h in heads.items()}
-        self.label_assets = {}
-        for name, labels in self._plain.labels.items():
-            path = assets_dir / ("labels.txt" if name == "serving_default" else f"labels_{name}.txt")
-            path.write_text("\n".join(labels) + "\n")
-            self.label_assets[name] = tf.saved_model.Asset(str(path))
-        self.functions = {name: self._signature(name) for name in heads}
-
-    def _signature(self, name: str):
-        def serve(image_bytes):
-            return self._serve(name, image_bytes)
-
-        return tf.function(serve, input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+        self._add_signatures(self._plain.labels, assets_dir)
 
     def features(self, images: tf.Tensor) -> tf.Tensor:
         return self.top(self.bottom(images, training=False), training=False)
@@ -75,10 +65,7 @@ class LiteServable(tf.Module):
 def export_savedmodel(bottom: keras.Model, top: keras.Model, heads: dict, size: int, export_dir: Path) -> Path:
     """heads: {signature name: {"kernel": [1280, C], "bias": [C], "labels": [C strings]}}."""
     with tempfile.TemporaryDirectory() as scratch:
-        module = LiteServable(bottom, top, heads, size, Path(scratch))
-        signatures = {name: fn.get_concrete_function() for name, fn in module.functions.items()}
-        tf.saved_model.save(module, str(export_dir), signatures=signatures)
-    return Path(export_dir)
+        return LiteServable(bottom, top, heads, size, Path(scratch)).save(export_dir)
 
 
 def load_run(run: Path) -> tuple[keras.Model, keras.Model, dict, dict]:
@@ -155,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
                 "inputs": {"image_bytes": "DT_STRING [-1] encoded JPEG/PNG"},
                 "outputs": {"probabilities": "DT_FLOAT [-1, C] softmax (temperature-calibrated on val)",
                             "labels": "DT_STRING [-1, C] '<make>|<model>|<year>'"},
-                "labels_asset": "labels.txt" if name == "serving_default" else f"labels_{name}.txt",
+                "labels_asset": labels_asset_name(name),
                 "num_classes": len(h["labels"]),
                 "classes": h["report"]["classes"],
                 "metrics": {"savedmodel": served[name],

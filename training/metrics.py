@@ -33,6 +33,8 @@ class Scores:
         self.top5_hit: list[bool] = []
         self.confidence: list[float] = []
         self.make_hit: list[bool] = []
+        self.top_class_hit: list[bool] = []  # top_k[0] instead of the (make-first) answer
+        self.top_class_make_hit: list[bool] = []
         self.logo_fired: list[bool] = []
         self.logo_right: list[bool] = []
         self.routes: collections.Counter = collections.Counter()
@@ -48,6 +50,8 @@ class Scores:
                 self.top5_hit.append(False)
                 self.confidence.append(0.0)
                 self.make_hit.append(False)
+                self.top_class_hit.append(False)
+                self.top_class_make_hit.append(False)
                 self.logo_fired.append(False)
                 continue
             r = result.response
@@ -56,6 +60,8 @@ class Scores:
             self.top5_hit.append(truth in keys[:5])
             self.confidence.append(r.confidence)
             self.make_hit.append(r.make == truth[0])
+            self.top_class_hit.append(keys[0] == truth)
+            self.top_class_make_hit.append(keys[0][0] == truth[0])
             self.routes[pb.Route.Name(r.route)] += 1
             self.logo_fired.append(r.logo_matched)
             if r.logo_matched:
@@ -71,7 +77,9 @@ class Scores:
     def summary(self, with_logo: bool) -> dict:
         n = len(self.truth)
         out = {"n": n, "top1": _mean(self.correct()), "top5": _mean(self.top5_hit), "make_top1": _mean(self.make_hit),
-               "ece": round(self.ece(), 4), "errors": dict(self.errors)}
+               "ece": round(self.ece(), 4), "errors": dict(self.errors),
+               # what answering top_k[0] would have scored (the answer picks the make first)
+               "top_class_top1": _mean(self.top_class_hit), "top_class_make_top1": _mean(self.top_class_make_hit)}
         if with_logo:
             fired = int(sum(self.logo_fired))
             out.update(logo_fired=round(fired / n, 4) if n else 0.0,
@@ -153,10 +161,12 @@ def write_reports(scores: dict, out: Path, n: int) -> dict:
               "confused_pairs": {"pipeline": pipeline.confused_pairs()}}
     out.write_text(json.dumps(report, indent=1))
     stem = out.with_suffix("")
-    lines = [f"# carrecog evaluation ({n} photos)", "", "| scored | n | top-1 | top-5 | make top-1 | ECE |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    lines = [f"# carrecog evaluation ({n} photos)", "",
+             "| scored | n | top-1 | top-5 | make top-1 | ECE | top-1 / make top-1 of top_k[0] |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for name, s in [("pipeline", report["pipeline"]), *report["models"].items()]:
-        lines.append(f"| {name} | {s['n']} | {s['top1']:.3f} | {s['top5']:.3f} | {s['make_top1']:.3f} | {s['ece']:.3f} |")
+        lines.append(f"| {name} | {s['n']} | {s['top1']:.3f} | {s['top5']:.3f} | {s['make_top1']:.3f} | {s['ece']:.3f} "
+                     f"| {s['top_class_top1']:.3f} / {s['top_class_make_top1']:.3f} |")
     if report["global_restricted"]:
         lines += ["", "Each partial (brand) model against the global model restricted to the same classes, "
                   "on the same photos:", "", "| model | n | its top-1 | global restricted top-1 |", "| --- | --- | --- | --- |"]
