@@ -57,9 +57,9 @@ $(TRAIN_STAMP): requirements-train.txt $(STAMP)
 	touch $@
 
 # The shipped EfficientNet-Lite0 model (global + brand signatures), end to end on 2 CPU cores:
-# ~15 min caching the frozen blocks, ~3 min per epoch, ~5 min export. make train-lite VERSION=2
+# ~15 min caching the frozen blocks, ~100 s per epoch (24: ~41 min), ~5 min export. make train-lite VERSION=3
 LITE_RUN ?= runs/lite0
-EPOCHS ?= 10
+EPOCHS ?= 24
 train-lite: $(TRAIN_STAMP)
 	$(PY) -m training.lite_features --variant lite0 --size 256 --cut 11 --views 4 --out $(LITE_RUN)
 	$(PY) -m training.train_lite --run $(LITE_RUN) --epochs $(EPOCHS) --resume
