@@ -247,12 +247,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, bool]:
     p.add_argument("--out", default=None, help="run folder (default runs/<model>)")
     p.add_argument("--init-from", default=None, help="run folder whose trunk initialises this model")
     p.add_argument("--teacher", default=None, help="teacher.npz (training.train_lite) to distil from")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last epoch (a new run if --out has none)")
     args = vars(p.parse_args(argv))
     resume = args.pop("resume")
     args["out"] = args["out"] or f"runs/{args['model']}"
-    if resume:  # the run's own config (and its LR schedule) wins over the other flags
-        return Config(**json.loads((Path(args["out"]) / "ckpt.json").read_text())["config"]), True
+    state = Path(args["out"]) / "ckpt.json"
+    if resume and state.exists():  # the run's own config (and its LR schedule) wins over the other flags
+        return Config(**json.loads(state.read_text())["config"]), True
     return Config(**args), False
 
 
