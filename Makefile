@@ -66,7 +66,7 @@ train-lite: $(TRAIN_STAMP)
 	$(PY) -m training.export_lite --run $(LITE_RUN) --model-name efficientnet_lite0 --version $(VERSION)
 
 # The shipped ResNet50 (global + brand signatures), distilled from the Lite0 run above, on the
-# PyTorch backend (about twice TensorFlow's train-step speed here): ~3 min per epoch at 64 px.
+# PyTorch backend (31 vs 13 images/s for TensorFlow here, scripts/bench_train_step.py): ~4 min per epoch at 64 px.
 # make train-resnet VERSION=2 [RESNET_EPOCHS=15]
 RESNET_RUN ?= runs/global-kd
 RESNET_EPOCHS ?= 15
