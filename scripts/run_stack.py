@@ -16,7 +16,7 @@ from client.__main__ import main as client_main
 from scripts.stack import ROOT, start_logo_service, start_model_server, start_router
 from common.data import data_dir
 
-# Test-split photos: three on which the logo gate fires (audi, chevrolet, dodge: no dodge model),
+# Test-split photos: three on which the logo gate fires (audi, chevrolet, dodge),
 # three on which it does not.
 DEFAULT_IMAGE_IDS = ["00274", "01752", "03205", "00001", "00013", "00160"]
 
