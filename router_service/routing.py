@@ -191,9 +191,8 @@ def choose_answer(prediction: Prediction) -> tuple[int, float]:
     over one make's lookalike models (test split, `make evaluate`: make top-1
     0.900 -> 0.903, class top-1 0.815 -> 0.817).
     """
-    probabilities = prediction.probabilities
-    makes, make_of_class = np.unique([label.make for label in prediction.labels], return_inverse=True)
-    make_totals = np.bincount(make_of_class, weights=probabilities, minlength=len(makes))
+    probabilities, make_of_class = prediction.probabilities, prediction.make_of_class
+    make_totals = np.bincount(make_of_class, weights=probabilities)
     make = int(np.argmax(make_totals))
     members = np.flatnonzero(make_of_class == make)
     return int(members[np.argmax(probabilities[members])]), float(make_totals[make])

@@ -54,6 +54,7 @@ class ModelInfo:
     probabilities_key: str = ""
     labels_key: str = ""
     labels: list[Label] = field(default_factory=list)
+    make_of_class: np.ndarray = field(default_factory=lambda: np.zeros(0, int))  # see make_index
     available: bool = False
     error: str = ""
 
@@ -64,6 +65,13 @@ class Prediction:
     labels: list[Label]
     version: int
     signature: str
+    make_of_class: np.ndarray  # [C] the index of each class's make, see make_index
+
+
+def make_index(labels: list[Label]) -> np.ndarray:
+    """For each class, a number shared by exactly the classes of the same make (computed once per
+    label list, so that the per-request answer only sums probabilities)."""
+    return np.unique([label.make for label in labels], return_inverse=True)[1].reshape(-1)
 
 
 def _rank(info: "tf.compat.v1.TensorInfo") -> int:
@@ -131,10 +139,11 @@ class TfServingClient:
         if model.labels_key in response.outputs:
             first_row = tf.make_ndarray(response.outputs[model.labels_key])[0]
             model.labels = [Label.parse(x.decode() if isinstance(x, bytes) else str(x)) for x in first_row]
+            model.make_of_class = make_index(model.labels)
             model.version = version
         probabilities = tf.make_ndarray(response.outputs[model.probabilities_key])
-        return [Prediction(probabilities=row, labels=model.labels, version=version, signature=model.signature)
-                for row in probabilities]
+        return [Prediction(probabilities=row, labels=model.labels, version=version, signature=model.signature,
+                           make_of_class=model.make_of_class) for row in probabilities]
 
     async def _predict(self, model: ModelInfo, images: list[bytes], timeout: float | None,
                        with_labels: bool) -> predict_pb2.PredictResponse:

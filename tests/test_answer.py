@@ -5,12 +5,13 @@ import numpy as np
 import pytest
 
 from router_service.routing import choose_answer
-from router_service.tf_serving import Label, Prediction
+from router_service.tf_serving import Label, Prediction, make_index
 
 
 def prediction(rows: list[tuple[str, float]]) -> Prediction:
     labels = [Label.parse(f"{make}|Model {i}|2012") for i, (make, _) in enumerate(rows)]
-    return Prediction(np.array([p for _, p in rows], np.float32), labels, version=1, signature="serving_default")
+    return Prediction(np.array([p for _, p in rows], np.float32), labels, version=1, signature="serving_default",
+                      make_of_class=make_index(labels))
 
 
 def test_spread_over_one_make_beats_a_single_top_class():

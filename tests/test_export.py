@@ -9,9 +9,9 @@ import json
 import math
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
-import keras
 import tensorflow as tf
 
 from training import data, export
