@@ -7,7 +7,7 @@ STUBS := carrecog/v1/recognition_service_pb2.py
 PROTOS := $(wildcard protos/carrecog/v1/*.proto)
 IMAGES ?=
 
-.PHONY: venv train-venv protos gallery run test test-slow lint-protos evaluate train-lite train-resnet clean
+.PHONY: venv train-venv protos gallery run test test-slow lint-protos evaluate train-lite train-resnet clean clients client-deps
 
 venv: $(STAMP)
 $(STAMP): requirements.txt
@@ -30,7 +30,7 @@ gallery: protos
 run: protos gallery
 	$(PY) -m scripts.run_stack $(IMAGES)
 
-test: protos lint-protos gallery
+test: protos lint-protos gallery clients
 	$(PY) -m pytest -q
 
 test-slow: protos gallery
@@ -43,6 +43,35 @@ node_modules/.bin/buf: package.json
 
 lint-protos: node_modules/.bin/buf
 	node_modules/.bin/buf lint
+
+# Clients in other languages (clients/, README "Clients in other languages"): Go and C++ stubs are
+# generated from protos/ into build/ at build time (ignored by git); Node loads protos/ at run time
+# with @grpc/grpc-js + @grpc/proto-loader (package.json, installed by the npm install above).
+# client-deps apt-installs only what is missing (Debian 12 packages; Go in GOPATH mode against
+# /usr/share/gocode, as the Go module proxy may be unreachable).
+CLIENT_APT := golang-go golang-google-grpc-dev golang-google-protobuf-dev golang-github-golang-protobuf-1-5-dev \
+	protoc-gen-go protoc-gen-go-grpc protobuf-compiler libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev pkg-config g++
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+GO_IMPORT := $(foreach p,$(notdir $(PROTOS)),'--go_opt=Mcarrecog/v1/$(p)=carrecog/v1;carrecogv1' \
+	'--go-grpc_opt=Mcarrecog/v1/$(p)=carrecog/v1;carrecogv1')
+
+clients: bin/carrecog-go bin/carrecog-cpp node_modules/.bin/buf
+
+client-deps:
+	@missing=$$(for p in $(CLIENT_APT); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then echo "apt-get install" $$missing; $(SUDO) apt-get update -q && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; fi
+
+bin/carrecog-go: clients/go/main.go $(PROTOS) | client-deps
+	rm -rf build/go && mkdir -p build/go/src bin
+	protoc -I protos --go_out=build/go/src --go-grpc_out=build/go/src $(GO_IMPORT) $(PROTOS)
+	GO111MODULE=off GOPATH=$(CURDIR)/build/go:/usr/share/gocode go build -o $@ ./clients/go
+
+bin/carrecog-cpp: clients/cpp/main.cc $(PROTOS) | client-deps
+	rm -rf build/cpp && mkdir -p build/cpp bin
+	protoc -I protos --cpp_out=build/cpp --grpc_out=build/cpp --plugin=protoc-gen-grpc=$$(command -v grpc_cpp_plugin) $(PROTOS)
+	$(CXX) -std=c++17 -O2 -Ibuild/cpp -o $@ clients/cpp/main.cc build/cpp/carrecog/v1/*.pb.cc \
+		$$(pkg-config --cflags --libs grpc++ protobuf)
 
 # make evaluate [LABELS=<csv> IMAGES_ROOT=<dir>] [OUT=reports/report.json]; no LABELS = the shared test split.
 OUT ?= reports/report.json
