@@ -78,7 +78,7 @@ def start_service(name: str, module: str, args: list[str], env: dict[str, str] |
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
     with open(log_path, "ab") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", module, *args, "--port", str(port), "--port-file", str(port_file)],
+            [sys.executable, "-m", module, *args, "--reflection", "--port", str(port), "--port-file", str(port_file)],
             cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + wait_for_port
     while not port_file.exists():
