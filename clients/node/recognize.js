@@ -3,9 +3,9 @@
 //
 // The Node.js twin of `python -m client`: @grpc/grpc-js with the contracts
 // loaded from protos/ at run time by @grpc/proto-loader (nothing generated).
-// Prints one JSON object per image with the python client's field names; a
-// failed image prints {"image", "error": {"code", "message"}} and the command
-// exits 1 after the others are done.
+// Prints one JSON object per image with the python client's field names and
+// formatting; a failed image prints {"image", "error": {"code", "message"}} and
+// the command exits 1 after the others are done.
 'use strict';
 
 const fs = require('fs');
@@ -85,7 +85,34 @@ function expand(paths) {
   return found;
 }
 
-const round = (x, digits) => Number(Number(x).toFixed(digits));
+// round(x, digits) as python prints it: the exact value rounded half to even (toFixed rounds
+// exact ties away from zero), shortest form, at least one decimal.
+class PyFloat {
+  constructor(x, digits) {
+    let text = Number(x).toFixed(digits);
+    const exact = Number(x).toFixed(100).replace(/0+$/, '');
+    if (exact.length - exact.indexOf('.') - 1 === digits + 1 && exact.endsWith('5')) {
+      const down = exact.slice(0, -1); // an exact tie: keep the even neighbour
+      if (Number(down[down.length - 1]) % 2 === 0) text = down;
+    }
+    text = text.replace(/0+$/, '');
+    this.text = text.endsWith('.') ? `${text}0` : text;
+  }
+}
+const round = (x, digits) => new PyFloat(x, digits);
+
+// JSON written as python's json.dumps writes it: ", " and ": " separators, ASCII only.
+function dumps(value) {
+  if (value === null || value === undefined) return 'null';
+  if (value instanceof PyFloat) return value.text;
+  if (typeof value === 'string') {
+    return JSON.stringify(value).replace(/[\u007f-\uffff]/g, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, '0')}`);
+  }
+  if (typeof value !== 'object') return String(value);
+  if (Array.isArray(value)) return `[${value.map(dumps).join(', ')}]`;
+  const entries = value instanceof Map ? [...value] : Object.entries(value);
+  return `{${entries.map(([k, v]) => `${dumps(k)}: ${dumps(v)}`).join(', ')}}`;
+}
 
 function toJson(image, r) {
   return {
@@ -102,7 +129,7 @@ function toJson(image, r) {
     model_version: Number(r.model_version),
     logo: r.logo && r.logo.brand ? { brand: r.logo.brand, inliers: r.logo.inliers, matched: r.logo_matched } : null,
     top_k: r.top_k.map((p) => ({ label: p.label, confidence: round(p.confidence, 4) })),
-    ms: Object.fromEntries(r.timings.map((t) => [t.stage, round(t.ms, 1)])),
+    ms: new Map(r.timings.map((t) => [t.stage, round(t.ms, 1)])), // a dict: first place, last value
   };
 }
 
@@ -157,7 +184,7 @@ async function main() {
         line = { image, error: { code, message: err.details !== undefined ? err.details : err.message } };
       }
     }
-    process.stdout.write(`${JSON.stringify(line)}\n`);
+    process.stdout.write(`${dumps(line)}\n`);
   }
   client.close();
   return failures ? 1 : 0;

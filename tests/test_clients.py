@@ -1,0 +1,156 @@
+"""The clients in other languages (clients/, built by `make clients`) against the real stack.
+
+Each one must print the lines `python -m client` prints for the same photos:
+same fields, same answer, same error codes and messages, exit status 1 after
+a failed image; over mTLS with --ca/--cert/--key. And the stack that
+scripts/stack.py starts (so `make run`) serves gRPC reflection.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import grpc
+import pytest
+
+from scripts.stack import ROOT, start_router
+from tests.certs import make_certificates
+
+pytestmark = pytest.mark.integration
+
+COMMANDS = {
+    "python": [sys.executable, "-m", "client"],
+    "node": ["node", str(ROOT / "clients" / "node" / "recognize.js")],
+    "go": [str(ROOT / "bin" / "carrecog-go")],
+    "cpp": [str(ROOT / "bin" / "carrecog-cpp")],
+}
+OTHERS = ["node", "go", "cpp"]
+# Fields that must agree exactly between the clients for the same photo (ms and confidences aside).
+SAME = ["image", "make", "model", "year", "label", "route", "route_detail", "model_name", "model_version", "logo"]
+
+
+def run_client(name: str, address: str, *args: str, timeout: float = 180) -> tuple[int, list[str], str]:
+    command = COMMANDS[name]
+    if not (name in ("python", "node") or os.access(command[0], os.X_OK)):
+        pytest.fail(f"{command[0]} is missing: run `make clients`")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ROUTER_")}  # no address or TLS from the env
+    done = subprocess.run([*command, "--address", address, *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    return done.returncode, done.stdout.splitlines(), done.stderr
+
+
+@pytest.fixture(scope="module")
+def inputs(logo_hit, no_logo_photo, tmp_path_factory):
+    """A logo-gated photo, a plain one and a file of random bytes named like a JPEG."""
+    bad = tmp_path_factory.mktemp("clients") / "random.jpg"
+    bad.write_bytes(os.urandom(4096))
+    return [str(logo_hit[0].path), str(no_logo_photo.path), str(bad)]
+
+
+@pytest.fixture(scope="module")
+def python_lines(router, inputs):
+    code, lines, err = run_client("python", router.address, *inputs)
+    assert code == 1 and len(lines) == 3, err
+    return [json.loads(line) for line in lines]
+
+
+def test_python_reference_lines(python_lines):
+    hit, plain, bad = python_lines
+    assert hit["route"] == "brand_model" and hit["logo"]["matched"]
+    assert plain["route"] == "global_model"
+    assert bad["error"]["code"] == "INVALID_ARGUMENT" and bad["error"]["message"]
+
+
+@pytest.mark.parametrize("name", OTHERS)
+def test_client_prints_what_the_python_client_prints(name, router, inputs, python_lines):
+    code, lines, err = run_client(name, router.address, *inputs)
+    assert code == 1, err  # the bad image fails, after the others
+    assert len(lines) == 3, (lines, err)
+    got = [json.loads(line) for line in lines]
+    for mine, theirs in zip(got[:2], python_lines[:2]):
+        assert list(mine) == list(theirs)  # the same fields in the same order
+        assert {k: mine[k] for k in SAME} == {k: theirs[k] for k in SAME}
+        assert mine["confidence"] == pytest.approx(theirs["confidence"], abs=2e-4)
+        assert mine["make_confidence"] == pytest.approx(theirs["make_confidence"], abs=2e-4)
+        assert [p["label"] for p in mine["top_k"]] == [p["label"] for p in theirs["top_k"]]
+        assert [p["confidence"] for p in mine["top_k"]] == pytest.approx(
+            [p["confidence"] for p in theirs["top_k"]], abs=2e-4)
+        assert set(mine["ms"]) == set(theirs["ms"])
+    assert got[0]["route"] == "brand_model" and got[1]["route"] == "global_model"
+    assert got[2] == python_lines[2]  # {"image", "error": {"code": "INVALID_ARGUMENT", "message": ...}}
+    assert lines == [json.dumps(line) for line in got]  # written as python's json.dumps writes it
+
+
+@pytest.mark.parametrize("name", OTHERS)
+def test_client_options_and_missing_file(name, router, inputs, tmp_path):
+    """--skip-logo and --top-k reach the router; a missing file is a FILE_ERROR line and exit status 1."""
+    code, lines, err = run_client(name, router.address, "--skip-logo", "--top-k", "2", inputs[0],
+                                  str(tmp_path / "missing.jpg"))
+    assert code == 1, err
+    answer, missing = (json.loads(line) for line in lines)
+    assert answer["route"] == "global_model" and len(answer["top_k"]) == 2
+    assert missing["image"] == str(tmp_path / "missing.jpg") and missing["error"]["code"] == "FILE_ERROR"
+
+
+def test_clients_expand_folders_like_the_python_client(router, tmp_path):
+    (tmp_path / "b").mkdir()
+    for rel in ("b/2.png", "a.JPG", "b/1.jpeg", "notes.txt"):
+        (tmp_path / rel).write_bytes(b"not an image")
+    images = {}
+    for name in COMMANDS:
+        code, lines, err = run_client(name, router.address, str(tmp_path) + "/")
+        assert code == 1, err
+        images[name] = [(json.loads(line)["image"], json.loads(line)["error"]["code"]) for line in lines]
+    assert images["python"] == [(str(tmp_path / p), "INVALID_ARGUMENT") for p in ("a.JPG", "b/1.jpeg", "b/2.png")]
+    assert all(found == images["python"] for found in images.values()), images
+
+
+@pytest.fixture(scope="module")
+def mtls_router(model_server, stack_logs, tmp_path_factory):
+    """A router that serves mTLS only: clients need --ca, --cert and --key."""
+    certs = make_certificates(tmp_path_factory.mktemp("client-tls"))
+    router = start_router(model_server.address, "", stack_logs / "mtls", env={
+        "ROUTER_TLS_CERT": str(certs / "server.pem"), "ROUTER_TLS_KEY": str(certs / "server.key"),
+        "ROUTER_TLS_CLIENT_CA": str(certs / "ca.pem")})
+    try:
+        router.wait_healthy(credentials=grpc.ssl_channel_credentials(
+            (certs / "ca.pem").read_bytes(), (certs / "client.key").read_bytes(), (certs / "client.pem").read_bytes()))
+        yield router, certs
+    finally:
+        router.stop(signal.SIGKILL)
+
+
+@pytest.mark.parametrize("name", list(COMMANDS))
+def test_client_over_mtls(name, mtls_router, no_logo_photo):
+    router, c = mtls_router
+    photo = str(no_logo_photo.path)
+    code, lines, err = run_client(name, router.address, "--ca", str(c / "ca.pem"), "--cert", str(c / "client.pem"),
+                                  "--key", str(c / "client.key"), photo)
+    assert code == 0, (lines, err)
+    answer = json.loads(lines[0])
+    assert answer["image"] == photo and answer["label"] and answer["route"] == "global_model"
+    # TLS without the client certificate, and plaintext, are refused: an error line and exit status 1
+    for args in (["--ca", str(c / "ca.pem")], []):
+        code, lines, err = run_client(name, router.address, "--timeout", "10", *args, photo)
+        assert code == 1, (args, lines, err)
+        failed = json.loads(lines[0])
+        assert failed["image"] == photo and failed["error"]["code"] in ("UNAVAILABLE", "UNKNOWN", "INTERNAL"), failed
+
+
+def test_the_stack_serves_reflection(model_server, logo_service, router):
+    """What scripts/stack.py starts (`make run`, the tests) can be listed with buf curl over reflection."""
+    buf = ROOT / "node_modules" / ".bin" / "buf"
+    if not buf.exists():
+        pytest.fail("node_modules/.bin/buf is missing: run `make clients` (npm install)")
+    expected = [(model_server, "tensorflow.serving.PredictionService/Predict"),
+                (logo_service, "carrecog.v1.LogoService/MatchLogo"),
+                (router, "carrecog.v1.RecognitionService/Recognize")]
+    for service, method in expected:
+        done = subprocess.run([str(buf), "curl", "--protocol", "grpc", "--http2-prior-knowledge", "--list-methods",
+                               f"http://{service.address}"], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        methods = done.stdout.split()
+        assert method in methods and "grpc.health.v1.Health/Check" in methods, (service.name, methods)
