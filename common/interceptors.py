@@ -1,15 +1,33 @@
-"""Server interceptors: request id propagation and one access-log line per RPC."""
+"""The server interceptor every carrecog service runs: what happens around each RPC.
+
+- the request id: from the caller's `x-request-id` metadata (a mesh sidecar
+  sets it) or generated, set for the handler and echoed in the trailers;
+- the concurrency limit: calls beyond it get RESOURCE_EXHAUSTED at once and
+  are logged. Health checks and reflection are exempt, so a busy service
+  still answers its orchestrator and is not restarted at its busiest;
+- errors: a typed error (common.errors) becomes its status; anything else is
+  INTERNAL with the request id, its traceback goes to the log, not the client;
+- one access-log line per call with the status the client saw (a cancelled
+  or expired call is logged as such, not as UNKNOWN).
+"""
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any, Awaitable, Callable
 
 import grpc
 
+from common.errors import INTERNAL_MESSAGE, status_of
 from common.logs import REQUEST_ID, REQUEST_ID_HEADER, log_event, new_request_id
 
 logger = logging.getLogger("carrecog.access")
+
+# Never limited and never access-logged: an orchestrator polls them all the time.
+UNLIMITED_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+# Outcomes that are the caller's doing or normal answers, not the service's trouble.
+QUIET_CODES = {"OK", "INVALID_ARGUMENT", "NOT_FOUND", "CANCELLED", "DEADLINE_EXCEEDED"}
 
 
 def _request_id_from(metadata: Any) -> str:
@@ -19,12 +37,12 @@ def _request_id_from(metadata: Any) -> str:
     return new_request_id()
 
 
-class RequestContextInterceptor(grpc.aio.ServerInterceptor):
-    """Sets REQUEST_ID for the handler, echoes it to the client, logs the outcome.
+class ServiceInterceptor(grpc.aio.ServerInterceptor):
+    """Request id, concurrency limit, error mapping and access log for every non-health RPC."""
 
-    The id comes from the caller's `x-request-id` metadata (a mesh sidecar sets
-    it) or is generated, so one id follows a photo through every service.
-    """
+    def __init__(self, max_concurrent_rpcs: int) -> None:
+        self.limit = max_concurrent_rpcs
+        self.in_flight = 0
 
     async def intercept_service(
         self,
@@ -32,70 +50,97 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
-        if handler is None:
+        if handler is None or details.method.startswith(UNLIMITED_PREFIXES):
             return handler
-        method = details.method
-        request_id = _request_id_from(details.invocation_metadata)
+        call = _Call(self, details.method, _request_id_from(details.invocation_metadata))
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(handler.unary_unary, method, request_id),
+                call.wrap_unary(handler.unary_unary),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.stream_stream:
             return grpc.stream_stream_rpc_method_handler(
-                _wrap_stream(handler.stream_stream, method, request_id),
+                call.wrap_stream(handler.stream_stream),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
-        return handler  # unary-stream / stream-unary: not used by carrecog
+        return handler  # unary-stream / stream-unary: not used by carrecog's own services
 
 
-def _begin(context: grpc.aio.ServicerContext, request_id: str) -> float:
-    REQUEST_ID.set(request_id)
-    try:
-        context.set_trailing_metadata(((REQUEST_ID_HEADER, request_id),))
-    except Exception:  # pragma: no cover - context already finished
-        pass
-    return time.perf_counter()
+class _Call:
+    """One RPC's bookkeeping: admitted or refused, its outcome, its log line."""
 
+    def __init__(self, owner: ServiceInterceptor, method: str, request_id: str) -> None:
+        self.owner = owner
+        self.method = method
+        self.request_id = request_id
+        self.started = 0.0
+        self.code = "OK"
 
-def _finish(method: str, started: float, context: grpc.aio.ServicerContext, error: BaseException | None) -> None:
-    code = context.code() if hasattr(context, "code") else None
-    if error is not None and not isinstance(error, grpc.aio.AbortError):
-        code = grpc.StatusCode.UNKNOWN
-    code_name = code.name if isinstance(code, grpc.StatusCode) else "OK"
-    level = logging.WARNING if code_name not in ("OK", "INVALID_ARGUMENT", "NOT_FOUND") else logging.INFO
-    log_event(logger, "rpc", level, method=method, code=code_name,
-              ms=round((time.perf_counter() - started) * 1000, 2))
+    async def _begin(self, context: grpc.aio.ServicerContext) -> None:
+        REQUEST_ID.set(self.request_id)
+        self.started = time.perf_counter()
+        context.set_trailing_metadata(((REQUEST_ID_HEADER, self.request_id),))
+        if self.owner.in_flight >= self.owner.limit:
+            self.code = "RESOURCE_EXHAUSTED"
+            self._log()
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"the service is at its limit of {self.owner.limit} concurrent calls; "
+                                "retry with backoff")
+        self.owner.in_flight += 1
 
+    async def _fail(self, exc: BaseException, context: grpc.aio.ServicerContext) -> None:
+        """Turn an exception that escaped the handler into the status the client sees."""
+        if isinstance(exc, grpc.aio.AbortError):
+            code = context.code()
+            self.code = code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
+            raise exc
+        if isinstance(exc, asyncio.CancelledError):
+            remaining = context.time_remaining()
+            self.code = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+            raise exc
+        code, message = status_of(exc)
+        if code == grpc.StatusCode.INTERNAL:
+            log_event(logger, "unexpected error", logging.ERROR, method=self.method, exc_info=exc)
+            message = INTERNAL_MESSAGE.format(request_id=self.request_id)
+        self.code = code.name
+        await context.abort(code, message)
 
-def _wrap_unary(behavior: Callable, method: str, request_id: str) -> Callable:
-    async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        started = _begin(context, request_id)
-        error = None
-        try:
-            return await behavior(request, context)
-        except BaseException as exc:
-            error = exc
-            raise
-        finally:
-            _finish(method, started, context, error)
+    def _end(self, context: grpc.aio.ServicerContext) -> None:
+        self.owner.in_flight -= 1
+        if self.code == "OK":
+            code = context.code()
+            if isinstance(code, grpc.StatusCode):
+                self.code = code.name
+        self._log()
 
-    return wrapped
+    def _log(self) -> None:
+        level = logging.INFO if self.code in QUIET_CODES else logging.WARNING
+        log_event(logger, "rpc", level, method=self.method, code=self.code,
+                  ms=round((time.perf_counter() - self.started) * 1000, 2))
 
+    def wrap_unary(self, behavior: Callable) -> Callable:
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            await self._begin(context)
+            try:
+                return await behavior(request, context)
+            except BaseException as exc:
+                await self._fail(exc, context)
+            finally:
+                self._end(context)
 
-def _wrap_stream(behavior: Callable, method: str, request_id: str) -> Callable:
-    async def wrapped(request_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
-        started = _begin(context, request_id)
-        error = None
-        try:
-            async for response in behavior(request_iterator, context):
-                yield response
-        except BaseException as exc:
-            error = exc
-            raise
-        finally:
-            _finish(method, started, context, error)
+        return wrapped
 
-    return wrapped
+    def wrap_stream(self, behavior: Callable) -> Callable:
+        async def wrapped(request_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
+            await self._begin(context)
+            try:
+                async for response in behavior(request_iterator, context):
+                    yield response
+            except BaseException as exc:
+                await self._fail(exc, context)
+            finally:
+                self._end(context)
+
+        return wrapped

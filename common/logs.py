@@ -4,7 +4,9 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import os
 import sys
+import threading
 import time
 import uuid
 
@@ -40,15 +42,42 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
-def configure_logging(service: str, level: str = "INFO") -> None:
-    """Send every log record to stderr as JSON lines."""
-    handler = logging.StreamHandler(sys.stderr)
+def configure_logging(service: str, level: str = "INFO", capture_native: bool = True) -> None:
+    """Send every log record to stderr as JSON lines.
+
+    With `capture_native`, text that C libraries print straight to file
+    descriptor 2 (libjpeg's "Corrupt JPEG data" warnings, TensorFlow's C++
+    logs) is turned into JSON lines too, instead of being interleaved with them.
+    """
+    stream = _capture_native_stderr() if capture_native else sys.stderr
+    handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonFormatter(service))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
 
 
-def log_event(logger: logging.Logger, event: str, level: int = logging.INFO, **fields: object) -> None:
-    """Log `event` with structured fields."""
-    logger.log(level, event, extra={"fields": fields})
+def _capture_native_stderr():
+    """Point fd 2 at a pipe read by a thread that logs each line; returns a stream on the real stderr."""
+    sys.stderr.flush()
+    real_stderr = os.fdopen(os.dup(2), "w", buffering=1, encoding="utf-8", errors="replace")
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    sys.stderr = os.fdopen(2, "w", buffering=1, encoding="utf-8", errors="replace")  # Python's own writes too
+    native = logging.getLogger("carrecog.native")
+
+    def pump() -> None:
+        with os.fdopen(read_end, "r", encoding="utf-8", errors="replace") as lines:
+            for line in lines:
+                if line.strip():
+                    native.warning("native stderr", extra={"fields": {"text": line.strip()[:2000]}})
+
+    threading.Thread(target=pump, name="native-stderr", daemon=True).start()
+    return real_stderr
+
+
+def log_event(logger: logging.Logger, event: str, level: int = logging.INFO,
+              exc_info: BaseException | None = None, **fields: object) -> None:
+    """Log `event` with structured fields (and a traceback when `exc_info` is given)."""
+    logger.log(level, event, exc_info=exc_info, extra={"fields": fields})

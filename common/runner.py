@@ -17,6 +17,6 @@ def run_service(name: str, main: Callable[[], Awaitable[None]], log_level: str =
     except KeyboardInterrupt:
         pass
     except Exception as exc:  # fail fast and say why, e.g. a broken plugin manifest
-        log_event(logging.getLogger(f"carrecog.{name}"), "startup failed", logging.ERROR,
+        log_event(logging.getLogger(f"carrecog.{name}"), "startup failed", logging.ERROR, exc_info=exc,
                   error=f"{type(exc).__name__}: {exc}")
         sys.exit(1)

@@ -3,8 +3,9 @@
 It gives each service what a service mesh expects: grpc.health.v1 (NOT_SERVING
 until the service says it has warmed up), optional reflection, keepalive, an
 explicit max message size, a concurrency limit (excess calls get
-RESOURCE_EXHAUSTED from grpc itself), optional TLS / mTLS, the request-id and
-access-log interceptor, and graceful shutdown on SIGTERM / SIGINT.
+RESOURCE_EXHAUSTED; health checks are exempt), optional TLS / mTLS, the
+shared interceptor (request ids, error mapping, access log), a loopback bind
+unless told otherwise, and graceful shutdown on SIGTERM / SIGINT.
 
 Usage (inside an asyncio program):
 
@@ -31,12 +32,15 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from common.interceptors import RequestContextInterceptor
+from common.interceptors import ServiceInterceptor
 from common.logs import log_event
 
 logger = logging.getLogger("carrecog.server")
 
 MIB = 1024 * 1024
+# Loopback unless told otherwise: on one host (make run, tests) nothing outside can reach a
+# service; containers and pods set <PREFIX>_HOST=0.0.0.0 and should set TLS too.
+DEFAULT_HOST = "127.0.0.1"
 
 
 def env(name: str, default: str | None = None) -> str | None:
@@ -53,7 +57,7 @@ def env_bool(name: str, default: bool = False) -> bool:
 class ServerSettings:
     """Transport settings shared by every service; read once at start."""
 
-    host: str = "0.0.0.0"
+    host: str = DEFAULT_HOST
     port: int = 0
     max_message_bytes: int = 32 * MIB
     max_concurrent_rpcs: int = 64
@@ -83,7 +87,8 @@ class ServerSettings:
 def add_server_arguments(parser: argparse.ArgumentParser, prefix: str, default_port: int) -> None:
     """Flags for ServerSettings; each defaults to the env var <PREFIX>_<NAME>."""
     p = prefix.upper()
-    parser.add_argument("--host", default=env(f"{p}_HOST", "0.0.0.0"), help=f"bind address (${p}_HOST)")
+    parser.add_argument("--host", default=env(f"{p}_HOST", DEFAULT_HOST),
+                        help=f"bind address; 0.0.0.0 for every interface (${p}_HOST)")
     parser.add_argument("--port", type=int, default=int(env(f"{p}_PORT", str(default_port))),
                         help=f"gRPC port, 0 = any free port (${p}_PORT)")
     parser.add_argument("--max-message-mb", type=float, default=float(env(f"{p}_MAX_MESSAGE_MB", "32")),
@@ -143,10 +148,11 @@ class GrpcServer:
             ("grpc.http2.min_ping_interval_without_data_ms", 5_000),  # accept clients' keepalive pings
             ("grpc.so_reuseport", 0),  # a second server on a taken port fails instead of sharing it
         ]
+        # The concurrency limit lives in the interceptor, not in grpc's maximum_concurrent_rpcs,
+        # which would count health checks too and refuse them under load.
         self.server = grpc.aio.server(
-            interceptors=[RequestContextInterceptor(), *interceptors],
+            interceptors=[ServiceInterceptor(settings.max_concurrent_rpcs), *interceptors],
             options=options,
-            maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         )
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

@@ -21,6 +21,7 @@ from typing import Sequence
 
 from google.protobuf import text_format
 
+from common.images import DEFAULT_MAX_PIXELS
 from common.logs import log_event
 from common.runner import run_service
 from common.server import GrpcServer, ServerSettings, add_server_arguments, env
@@ -77,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     flag("saved_model_tags", "comma-separated MetaGraphDef tags to load", default="serve")
     flag("tensorflow_intra_op_parallelism", "TF intra-op threads (0 = TF's choice)", type=int, default="0")
     flag("tensorflow_inter_op_parallelism", "TF inter-op threads (0 = TF's choice)", type=int, default="0")
+    flag("max_image_pixels", "refuse encoded JPEG/PNG inputs whose header claims more pixels, before decoding "
+         "(0 = no limit; not a TF Serving flag: its SavedModels carry the check in-graph)", type=int,
+         default=str(DEFAULT_MAX_PIXELS))
     flag("rest_api_port", "accepted for command-line compatibility; this stand-in serves gRPC only",
          type=int, default="0")
     flag("file_system_poll_wait_seconds", "accepted; versions are found once at start (restart to pick up "
@@ -102,6 +106,7 @@ class ModelServerSettings:
     intra_op_threads: int
     inter_op_threads: int
     rest_api_port: int
+    max_image_pixels: int
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "ModelServerSettings":
@@ -119,6 +124,7 @@ class ModelServerSettings:
             intra_op_threads=args.tensorflow_intra_op_parallelism,
             inter_op_threads=args.tensorflow_inter_op_parallelism,
             rest_api_port=args.rest_api_port,
+            max_image_pixels=args.max_image_pixels,
         )
 
 
@@ -148,7 +154,8 @@ async def serve(settings: ModelServerSettings) -> None:
     # One thread per in-flight call, like TF Serving's synchronous gRPC server.
     executor = ThreadPoolExecutor(max_workers=settings.server.max_concurrent_rpcs, thread_name_prefix="tf")
     server = GrpcServer("model_server", settings.server, [PREDICTION_SERVICE, MODEL_SERVICE])
-    add_servicers(server.server, repository, executor, BatchScheduler(batching) if batching is not None else None)
+    add_servicers(server.server, repository, executor, BatchScheduler(batching) if batching is not None else None,
+                  settings.max_image_pixels)
     await server.start()
     try:
         await asyncio.get_running_loop().run_in_executor(executor, repository.load_all)

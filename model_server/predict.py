@@ -18,6 +18,7 @@ from tensorflow.core.framework import tensor_pb2, types_pb2
 from tensorflow.core.protobuf import error_codes_pb2, meta_graph_pb2
 from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2, predict_pb2
 
+from common.images import image_size, too_many_pixels
 from model_server.batch_scheduler import BatchScheduler
 from model_server.errors import FailedPrecondition, InvalidArgument, NotFound
 from model_server.repository import ModelRepository, Servable
@@ -103,8 +104,25 @@ def _output_aliases(signature: meta_graph_pb2.SignatureDef, request: predict_pb2
     return seen or list(signature.outputs)
 
 
+def check_image_sizes(feeds: dict[str, tf.Tensor], max_pixels: int) -> None:
+    """Refuse an encoded JPEG/PNG in a string input whose header claims more than `max_pixels`.
+
+    Not TF Serving behaviour: its graphs decode whatever they are sent, so the
+    SavedModels carry the same check in-graph (training.image_guard). Here it
+    costs a header read per image and refuses a decompression bomb before
+    TensorFlow allocates its pixels, also for models exported without the guard.
+    """
+    for alias, tensor in feeds.items():
+        if tensor.dtype != tf.string or not max_pixels:
+            continue
+        for position, value in enumerate(tensor.numpy().ravel()):
+            size = image_size(value) if isinstance(value, bytes) else None
+            if size is not None and size[0] * size[1] > max_pixels:
+                raise InvalidArgument(f"{alias}[{position}]: {too_many_pixels(*size, max_pixels)}")
+
+
 def predict(repository: ModelRepository, request: predict_pb2.PredictRequest,
-            batcher: BatchScheduler | None = None) -> predict_pb2.PredictResponse:
+            batcher: BatchScheduler | None = None, max_image_pixels: int = 0) -> predict_pb2.PredictResponse:
     if not request.HasField("model_spec"):
         raise InvalidArgument("Missing ModelSpec")
     servable = repository.resolve(request.model_spec)
@@ -118,6 +136,7 @@ def predict(repository: ModelRepository, request: predict_pb2.PredictRequest,
     response.model_spec.signature_name = signature_name
     response.model_spec.version.value = servable.version
     feeds = _input_values(signature, request)
+    check_image_sizes(feeds, max_image_pixels)
     aliases = _output_aliases(signature, request)
     # A TF runtime error (e.g. an undecodable image) propagates as tf.errors.*.
     outputs = (batcher.run((servable.name, servable.version, signature_name), function, feeds) if batcher

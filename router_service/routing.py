@@ -15,23 +15,27 @@ import numpy as np
 from carrecog.v1 import logo_service_pb2, logo_service_pb2_grpc
 from carrecog.v1 import recognition_service_pb2 as pb
 from common.channels import outgoing_metadata
-from common.images import InvalidImage, validate_image
+from common.errors import ServiceError, client_message
+from common.images import DEFAULT_MAX_PIXELS, InvalidImage, validate_image
 from common.logs import REQUEST_ID, log_event
-from router_service.catalog import ModelCatalog
-from router_service.tf_serving import ModelInfo, Prediction, TfServingClient
+from router_service.breaker import CircuitBreaker
+from router_service.catalog import ModelCatalog, ModelNotReady
+from router_service.tf_serving import ModelInfo, Prediction
 
 logger = logging.getLogger("carrecog.router")
 DEFAULT_TOP_K = 5
 MAX_TOP_K = 50
+# Strings a client sends are bounded: an image id is echoed in every answer, and nothing
+# unbounded may be echoed into a response or an error (it would break the message limit).
+MAX_IMAGE_ID_CHARS = 256
+MAX_MODEL_NAME_CHARS = 128
 
 
-class RecognitionError(Exception):
-    """A failure the client should see as a gRPC status."""
+class RecognitionError(ServiceError):
+    """A failure the client should see as a gRPC status (code first, as the router always wrote it)."""
 
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+        super().__init__(message, code)
 
 
 @dataclass(frozen=True)
@@ -39,23 +43,40 @@ class RoutingSettings:
     logo_timeout_s: float = 1.0
     predict_timeout_s: float = 10.0
     max_image_bytes: int = 20 * 1024 * 1024
+    max_image_pixels: int = DEFAULT_MAX_PIXELS
+    breaker_failures: int = 3  # logo calls failed in a row that open the breaker
+    breaker_reset_s: float = 5.0  # then the logo stage is skipped this long before one probe call
+
+
+def check_request(request: pb.RecognizeRequest) -> None:
+    """Bounds on the strings of a request, checked before any work; never echoes what it refuses."""
+    if len(request.image_id) > MAX_IMAGE_ID_CHARS:
+        raise RecognitionError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"image_id is {len(request.image_id)} characters, over the limit of "
+                               f"{MAX_IMAGE_ID_CHARS}: send a shorter id")
+    if len(request.options.force_model) > MAX_MODEL_NAME_CHARS:
+        raise RecognitionError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"force_model is {len(request.options.force_model)} characters, over the limit "
+                               f"of {MAX_MODEL_NAME_CHARS}: ListModels names the models it can be")
 
 
 class Recognizer:
-    def __init__(self, catalog: ModelCatalog, tf_serving: TfServingClient,
-                 logo: logo_service_pb2_grpc.LogoServiceStub | None, settings: RoutingSettings) -> None:
+    def __init__(self, catalog: ModelCatalog, logo: logo_service_pb2_grpc.LogoServiceStub | None,
+                 settings: RoutingSettings) -> None:
         self.catalog = catalog
-        self.tf_serving = tf_serving
         self.logo = logo
         self.settings = settings
+        self.logo_breaker = CircuitBreaker(settings.breaker_failures, settings.breaker_reset_s)
 
     async def recognize(self, request: pb.RecognizeRequest, time_left: float | None = None) -> pb.RecognizeResponse:
         """Recognise one image; raises RecognitionError with a status a client can act on."""
         started = time.perf_counter()
         deadline = None if time_left is None else started + time_left
+        check_request(request)
         response = pb.RecognizeResponse(image_id=request.image_id, request_id=REQUEST_ID.get())
         try:
-            validate_image(request.image, max_bytes=self.settings.max_image_bytes)
+            validate_image(request.image, max_bytes=self.settings.max_image_bytes,
+                           max_pixels=self.settings.max_image_pixels)
         except InvalidImage as exc:
             raise RecognitionError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         options = request.options
@@ -81,11 +102,11 @@ class Recognizer:
             model = await self._logo_stage(request.image, response, deadline)
 
         if model is not None and model is not self.catalog.global_model and not model.available:
+            why = model.error or "not discovered yet"
             if response.route == pb.ROUTE_FORCED_MODEL:
-                raise RecognitionError(grpc.StatusCode.UNAVAILABLE,
-                                       f"model {model.name!r} is not being served ({model.error})")
+                raise RecognitionError(grpc.StatusCode.UNAVAILABLE, f"model {model.name!r} is not being served ({why})")
             self._fall_back(response, pb.FALLBACK_REASON_BRAND_MODEL_NOT_FOUND,
-                            f"brand model {model.name!r} is not served ({model.error})")
+                            f"brand model {model.name!r} is not served ({why})")
             model = None
         if model is None:
             model = self.catalog.global_model
@@ -101,6 +122,11 @@ class Recognizer:
 
     async def _logo_stage(self, image: bytes, response: pb.RecognizeResponse, deadline: float | None) -> ModelInfo | None:
         """Ask the logo service; returns the brand model to use, or None for the global model."""
+        if not self.logo_breaker.allow():
+            self._fall_back(response, pb.FALLBACK_REASON_LOGO_SERVICE_CIRCUIT_OPEN,
+                            f"logo stage skipped: the logo service failed {self.logo_breaker.failures} calls in a "
+                            f"row; the next try is in {self.logo_breaker.seconds_until_probe():.1f} s")
+            return None
         response.logo_consulted = True
         started = time.perf_counter()
         timeout = _timeout(self.settings.logo_timeout_s, deadline)
@@ -110,13 +136,21 @@ class Recognizer:
         except grpc.aio.AioRpcError as exc:
             response.timings.add(stage="logo", ms=_ms_since(started))
             code = exc.code()
-            if code == grpc.StatusCode.INVALID_ARGUMENT:
-                raise RecognitionError(code, exc.details()) from None
+            if code == grpc.StatusCode.INVALID_ARGUMENT:  # the image's fault, not the service's
+                self.logo_breaker.record_ignored()
+                raise RecognitionError(code, client_message(exc.details())) from None
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED and timeout < self.settings.logo_timeout_s:
+                self.logo_breaker.record_ignored()  # the caller's own short deadline, not a slow service
+            else:
+                self.logo_breaker.record_failure()
             reason = {grpc.StatusCode.UNAVAILABLE: pb.FALLBACK_REASON_LOGO_SERVICE_UNAVAILABLE,
                       grpc.StatusCode.DEADLINE_EXCEEDED: pb.FALLBACK_REASON_LOGO_SERVICE_TIMEOUT,
                       }.get(code, pb.FALLBACK_REASON_LOGO_SERVICE_ERROR)
-            self._fall_back(response, reason, f"logo service failed ({code.name}: {exc.details()})")
+            log_event(logger, "logo service call failed", logging.WARNING, code=code.name, details=exc.details(),
+                      breaker=self.logo_breaker.state)
+            self._fall_back(response, reason, f"logo service failed ({code.name})")
             return None
+        self.logo_breaker.record_success()
         response.timings.add(stage="logo", ms=_ms_since(started))
         if match.HasField("best"):
             response.logo.CopyFrom(match.best)
@@ -143,18 +177,29 @@ class Recognizer:
         started = time.perf_counter()
         is_brand = model is not self.catalog.global_model and response.route != pb.ROUTE_FORCED_MODEL
         try:
-            [prediction] = await self.tf_serving.predict(model, [image], _timeout(self.settings.predict_timeout_s, deadline))
+            [prediction] = await self.catalog.predict(model, [image], _timeout(self.settings.predict_timeout_s, deadline))
             return prediction
+        except ModelNotReady:
+            if is_brand:
+                self._fall_back(response, pb.FALLBACK_REASON_BRAND_MODEL_NOT_FOUND,
+                                f"brand model {model.name!r} has not been discovered yet")
+                return None
+            raise RecognitionError(grpc.StatusCode.UNAVAILABLE,
+                                   f"model {model.name!r} is not ready yet (the router has not reached the model "
+                                   "server since it started); retry shortly") from None
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
+            if code not in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.DEADLINE_EXCEEDED):
+                log_event(logger, "model server call failed", logging.WARNING, model=model.name, code=code.name,
+                          details=exc.details())
             if is_brand and code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION):
-                model.available, model.error = False, f"{code.name}: {exc.details()}"
+                self.catalog.mark_unavailable(model, f"{code.name}: {client_message(exc.details())}")
                 self._fall_back(response, pb.FALLBACK_REASON_BRAND_MODEL_NOT_FOUND,
-                                f"brand model {model.name!r} not found ({exc.details()})")
+                                f"brand model {model.name!r} is not served ({code.name})")
                 return None
             if is_brand and code not in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.DEADLINE_EXCEEDED):
                 self._fall_back(response, pb.FALLBACK_REASON_BRAND_MODEL_ERROR,
-                                f"brand model {model.name!r} failed ({code.name}: {exc.details()})")
+                                f"brand model {model.name!r} failed ({code.name})")
                 return None
             raise _downstream_error(model, exc) from None
         finally:
@@ -209,16 +254,17 @@ def _timeout(stage_limit: float, deadline: float | None) -> float:
 
 
 def _downstream_error(model: ModelInfo, exc: grpc.aio.AioRpcError) -> RecognitionError:
+    """What our client sees when the model server fails: the code and a sentence, never its internals
+    (addresses, graph node names); the full details are in the router's log under the request id."""
     code = exc.code()
     if code == grpc.StatusCode.INVALID_ARGUMENT:
-        return RecognitionError(code, f"the model could not read the image: {exc.details()}")
+        return RecognitionError(code, f"the model could not read the image: {client_message(exc.details())}")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return RecognitionError(code, f"model {model.name!r} did not answer within the deadline")
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return RecognitionError(code, f"the model server is overloaded ({exc.details()}); retry with backoff")
+        return RecognitionError(code, "the model server is overloaded; retry with backoff")
     return RecognitionError(grpc.StatusCode.UNAVAILABLE,
-                            f"the model server cannot serve model {model.name!r} ({code.name}: {exc.details()}); "
-                            "retry later")
+                            f"the model server cannot serve model {model.name!r} now ({code.name}); retry later")
 
 
 def _ms_since(started: float) -> float:

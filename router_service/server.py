@@ -15,17 +15,19 @@ from common.logs import log_event
 from common.plugins import load_plugins
 from common.server import GrpcServer
 from router_service.catalog import ModelCatalog
-from router_service.routing import RecognitionError, Recognizer, RoutingSettings
+from router_service.routing import MAX_IMAGE_ID_CHARS, RecognitionError, Recognizer, RoutingSettings
 from router_service.settings import RouterSettings
 from router_service.tf_serving import TfServingClient
 
 logger = logging.getLogger("carrecog.router")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RecognitionService"].full_name
 BATCH_CONCURRENCY = 4
+RECOVERY_POLL_S = 0.25
 
 
 def _error_result(image_id: str, error: RecognitionError) -> pb.RecognizeResult:
-    return pb.RecognizeResult(image_id=image_id, error=pb.RecognizeError(
+    echoed = image_id if len(image_id) <= MAX_IMAGE_ID_CHARS else ""  # never echo an unbounded id
+    return pb.RecognizeResult(image_id=echoed, error=pb.RecognizeError(
         code=error.code.value[0], code_name=error.code.name, message=error.message))
 
 
@@ -36,10 +38,7 @@ class RecognitionServicer(pb_grpc.RecognitionServiceServicer):
         self.batch_limit = batch_limit
 
     async def Recognize(self, request: pb.RecognizeRequest, context: grpc.aio.ServicerContext) -> pb.RecognizeResponse:
-        try:
-            return await self.recognizer.recognize(request, context.time_remaining())
-        except RecognitionError as exc:
-            await context.abort(exc.code, exc.message)
+        return await self.recognizer.recognize(request, context.time_remaining())  # errors: common.interceptors
 
     async def _one(self, request: pb.RecognizeRequest, time_left: float | None) -> pb.RecognizeResult:
         try:
@@ -73,11 +72,14 @@ class RecognitionServicer(pb_grpc.RecognitionServiceServicer):
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
         response = pb.ListModelsResponse(global_model=self.catalog.global_name)
         for model in self.catalog.models.values():
+            meta = model.meta  # one snapshot per model
+            labels = meta.labels if meta else ()
             response.models.add(
-                name=model.name, version=model.version, signature_name=model.signature, input_key=model.input_key,
-                probabilities_key=model.probabilities_key, labels_key=model.labels_key,
-                labels=[label.text for label in model.labels], brand=self.catalog.brand_of(model),
-                available=model.available, makes=sorted({label.make for label in model.labels if label.make}))
+                name=model.name, version=meta.version if meta else 0, signature_name=model.signature,
+                input_key=meta.input_key if meta else "", probabilities_key=meta.probabilities_key if meta else "",
+                labels_key=meta.labels_key if meta else "", labels=[label.text for label in labels],
+                brand=self.catalog.brand_of(model), available=model.available,
+                makes=sorted({label.make for label in labels if label.make}))
         for plugin in self.catalog.plugins.values():
             response.brands.add(slug=plugin.slug, name=plugin.name,
                                 model_name=plugin.model.name if plugin.model else "",
@@ -89,40 +91,48 @@ async def watch_downstreams(server: GrpcServer, catalog: ModelCatalog, interval_
     """Health follows the model server: SERVING while the global model answers, NOT_SERVING otherwise.
 
     A down logo service does not make the router unhealthy: it degrades to the
-    global model and says so in each answer.
+    global model and says so in each answer. After a model-server outage the
+    router is SERVING again as soon as the global model's status is AVAILABLE
+    (it kept the model's metadata; a new version is picked up on the next
+    Predict); models never discovered are discovered all at once. Checks run
+    every `interval_s` while SERVING and every RECOVERY_POLL_S while not, so a
+    restart is noticed within a fraction of a second.
     """
     serving = False
+    catching_up: asyncio.Task | None = None
     while True:
         try:
-            if serving:
-                ok = await catalog.client.is_available(catalog.global_name, timeout=max(interval_s, 2.0))
-                if ok:
-                    await catalog.refresh(timeout=10.0, only_unavailable=True)
-            else:
-                ok = await catalog.refresh(timeout=30.0)
+            ok = await catalog.client.is_available(catalog.global_name, timeout=2.0)
+            if ok and catalog.global_model.meta is None:
+                ok = await catalog.refresh(timeout=30.0)  # nothing to answer with until the global model is known
+            elif ok and not all(m.available for m in catalog.models.values()) and (
+                    catching_up is None or catching_up.done()):
+                # brand models catch up while the router already serves
+                catching_up = asyncio.create_task(catalog.refresh(timeout=30.0, only_unavailable=True))
         except grpc.aio.AioRpcError as exc:
             ok = False
-            log_event(logger, "model server check failed", logging.WARNING, code=exc.code().name)
+            if serving:
+                log_event(logger, "model server check failed", logging.WARNING, code=exc.code().name)
         if ok != serving:
             serving = ok
             await server.set_serving(ok)
             log_event(logger, "health", status="SERVING" if ok else "NOT_SERVING")
-        await asyncio.sleep(interval_s if serving else min(interval_s, 1.0))
+        await asyncio.sleep(interval_s if serving else RECOVERY_POLL_S)
 
 
 async def serve(settings: RouterSettings) -> None:
     plugins = load_plugins(settings.plugins_dir, settings.data_dir, check_logos=False)
     max_bytes = settings.server.max_message_bytes
-    model_channel = downstream_channel(settings.model_server_address, "MODEL_SERVER", max_bytes)
+    model_channel = downstream_channel(settings.model_server, max_bytes)
     client = TfServingClient(model_channel)
     logo_stub = None
-    if settings.logo_address:
-        logo_stub = logo_service_pb2_grpc.LogoServiceStub(
-            downstream_channel(settings.logo_address, "LOGO_SERVICE", max_bytes))
+    if settings.logo_service.address:
+        logo_stub = logo_service_pb2_grpc.LogoServiceStub(downstream_channel(settings.logo_service, max_bytes))
     catalog = ModelCatalog(client, settings.global_model, plugins, extra_models=settings.extra_models)
-    recognizer = Recognizer(catalog, client, logo_stub, RoutingSettings(
+    recognizer = Recognizer(catalog, logo_stub, RoutingSettings(
         logo_timeout_s=settings.logo_timeout_s, predict_timeout_s=settings.predict_timeout_s,
-        max_image_bytes=int(settings.max_image_mb * 1024 * 1024)))
+        max_image_bytes=int(settings.max_image_mb * 1024 * 1024), max_image_pixels=settings.max_image_pixels,
+        breaker_failures=settings.breaker_failures, breaker_reset_s=settings.breaker_reset_s))
 
     server = GrpcServer("router", settings.server, [SERVICE_NAME])
     pb_grpc.add_RecognitionServiceServicer_to_server(

@@ -5,9 +5,11 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.channels import DownstreamSettings, add_downstream_arguments
+from common.data import data_dir
+from common.images import DEFAULT_MAX_PIXELS
 from common.plugins import DEFAULT_PLUGINS_DIR
 from common.server import ServerSettings, add_server_arguments, env
-from common.data import data_dir
 
 
 # The stack routes to the EfficientNet-Lite0 model by default: it is far more
@@ -20,8 +22,8 @@ DEFAULT_EXTRA_MODELS = "global,audi,bmw,chevrolet"
 @dataclass(frozen=True)
 class RouterSettings:
     server: ServerSettings
-    model_server_address: str
-    logo_address: str
+    model_server: DownstreamSettings
+    logo_service: DownstreamSettings  # address "" = no logo stage
     global_model: str
     extra_models: tuple[str, ...]
     plugins_dir: Path
@@ -29,6 +31,9 @@ class RouterSettings:
     logo_timeout_s: float
     predict_timeout_s: float
     max_image_mb: float
+    max_image_pixels: int
+    breaker_failures: int
+    breaker_reset_s: float
     health_interval_s: float
     batch_limit: int
     log_level: str
@@ -37,10 +42,9 @@ class RouterSettings:
 def parse_settings(argv: list[str] | None = None) -> RouterSettings:
     parser = argparse.ArgumentParser(prog="python -m router_service", description=__doc__)
     add_server_arguments(parser, "ROUTER", default_port=50050)
-    parser.add_argument("--model-server", default=env("MODEL_SERVER_ADDRESS"),
-                        help="TF Serving gRPC address host:port ($MODEL_SERVER_ADDRESS, required)")
-    parser.add_argument("--logo-service", default=env("LOGO_SERVICE_ADDRESS", ""),
-                        help="logo service host:port; empty = no logo stage ($LOGO_SERVICE_ADDRESS)")
+    add_downstream_arguments(parser, "model-server", "MODEL_SERVER", "TF Serving gRPC address host:port, required")
+    add_downstream_arguments(parser, "logo-service", "LOGO_SERVICE", "logo service host:port; empty = no logo stage",
+                             default="")
     parser.add_argument("--global-model", default=env("ROUTER_GLOBAL_MODEL", DEFAULT_GLOBAL_MODEL),
                         help="TF Serving model name of the global classifier ($ROUTER_GLOBAL_MODEL)")
     parser.add_argument("--extra-models", default=env("ROUTER_EXTRA_MODELS", DEFAULT_EXTRA_MODELS),
@@ -55,6 +59,16 @@ def parse_settings(argv: list[str] | None = None) -> RouterSettings:
                         help="deadline for one Predict call ($ROUTER_PREDICT_TIMEOUT_MS)")
     parser.add_argument("--max-image-mb", type=float, default=float(env("ROUTER_MAX_IMAGE_MB", "20")),
                         help="largest accepted image file ($ROUTER_MAX_IMAGE_MB)")
+    parser.add_argument("--max-image-pixels", type=int,
+                        default=int(env("ROUTER_MAX_IMAGE_PIXELS", str(DEFAULT_MAX_PIXELS))),
+                        help="largest accepted width x height, read from the header before decoding "
+                             "($ROUTER_MAX_IMAGE_PIXELS)")
+    parser.add_argument("--logo-breaker-failures", type=int, default=int(env("ROUTER_LOGO_BREAKER_FAILURES", "3")),
+                        help="logo calls failed in a row that open the circuit breaker ($ROUTER_LOGO_BREAKER_FAILURES)")
+    parser.add_argument("--logo-breaker-reset-ms", type=float,
+                        default=float(env("ROUTER_LOGO_BREAKER_RESET_MS", "5000")),
+                        help="how long an open breaker skips the logo stage before one probe call "
+                             "($ROUTER_LOGO_BREAKER_RESET_MS)")
     parser.add_argument("--health-interval-s", type=float, default=float(env("ROUTER_HEALTH_INTERVAL_S", "5")),
                         help="how often downstream health is re-checked ($ROUTER_HEALTH_INTERVAL_S)")
     parser.add_argument("--batch-limit", type=int, default=int(env("ROUTER_BATCH_LIMIT", "64")),
@@ -64,8 +78,8 @@ def parse_settings(argv: list[str] | None = None) -> RouterSettings:
         parser.error("the model server address is required: --model-server or MODEL_SERVER_ADDRESS")
     return RouterSettings(
         server=ServerSettings.from_args(args),
-        model_server_address=args.model_server,
-        logo_address=args.logo_service,
+        model_server=DownstreamSettings.from_args(args, "model_server"),
+        logo_service=DownstreamSettings.from_args(args, "logo_service"),
         global_model=args.global_model,
         extra_models=tuple(m.strip() for m in args.extra_models.split(",") if m.strip()),
         plugins_dir=args.plugins_dir,
@@ -73,6 +87,9 @@ def parse_settings(argv: list[str] | None = None) -> RouterSettings:
         logo_timeout_s=args.logo_timeout_ms / 1000,
         predict_timeout_s=args.predict_timeout_ms / 1000,
         max_image_mb=args.max_image_mb,
+        max_image_pixels=args.max_image_pixels,
+        breaker_failures=args.logo_breaker_failures,
+        breaker_reset_s=args.logo_breaker_reset_ms / 1000,
         health_interval_s=args.health_interval_s,
         batch_limit=args.batch_limit,
         log_level=args.log_level,

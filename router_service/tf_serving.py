@@ -7,7 +7,7 @@ probabilities plus labels can be served without code changes.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import cv2
 import grpc
@@ -43,26 +43,49 @@ class Label:
         return cls(text=raw, make="", model=raw, year=0)  # a model with plain labels still works
 
 
+@dataclass(frozen=True, eq=False)
+class ModelMeta:
+    """What one discovery learned about a served model. Immutable: a newer one replaces it whole,
+    so a request that took a snapshot keeps labels and tensor keys that belong together."""
+
+    version: int
+    input_key: str
+    probabilities_key: str
+    labels_key: str
+    labels: tuple[Label, ...] = ()
+    make_of_class: np.ndarray = field(default_factory=lambda: np.zeros(0, int))  # see make_index
+
+    def with_labels(self, labels: tuple[Label, ...], version: int) -> "ModelMeta":
+        return replace(self, labels=labels, make_of_class=make_index(list(labels)), version=version)
+
+
 @dataclass
 class ModelInfo:
-    """What the router learned about one served model at start."""
+    """One model the router may call and what it knows of it now. Only the catalog
+    (router_service.catalog) changes `meta` and `error`, and only by replacing them."""
 
     name: str
     signature: str
-    version: int = 0
-    input_key: str = ""
-    probabilities_key: str = ""
-    labels_key: str = ""
-    labels: list[Label] = field(default_factory=list)
-    make_of_class: np.ndarray = field(default_factory=lambda: np.zeros(0, int))  # see make_index
-    available: bool = False
+    meta: ModelMeta | None = None
     error: str = ""
+
+    @property
+    def available(self) -> bool:
+        return self.meta is not None and not self.error
+
+    @property
+    def version(self) -> int:
+        return self.meta.version if self.meta else 0
+
+    @property
+    def labels(self) -> tuple[Label, ...]:
+        return self.meta.labels if self.meta else ()
 
 
 @dataclass(frozen=True)
 class Prediction:
     probabilities: np.ndarray  # [C]
-    labels: list[Label]
+    labels: tuple[Label, ...] | list[Label]
     version: int
     signature: str
     make_of_class: np.ndarray  # [C] the index of each class's make, see make_index
@@ -78,26 +101,27 @@ def _rank(info: "tf.compat.v1.TensorInfo") -> int:
     return -1 if info.tensor_shape.unknown_rank else len(info.tensor_shape.dim)
 
 
-def read_signature(response: get_model_metadata_pb2.GetModelMetadataResponse, model: ModelInfo) -> None:
-    """Fill input/output keys of `model` from a GetModelMetadata response."""
+def read_signature(response: get_model_metadata_pb2.GetModelMetadataResponse, name: str,
+                   signature_name: str) -> ModelMeta:
+    """Input/output keys and version of `name`'s signature from a GetModelMetadata response (no labels yet)."""
     signature_map = get_model_metadata_pb2.SignatureDefMap()
     response.metadata["signature_def"].Unpack(signature_map)
-    if model.signature not in signature_map.signature_def:
+    if signature_name not in signature_map.signature_def:
         raise ModelSignatureError(
-            f"model {model.name!r} has no signature {model.signature!r}; "
+            f"model {name!r} has no signature {signature_name!r}; "
             f"it has {sorted(signature_map.signature_def)}")
-    signature = signature_map.signature_def[model.signature]
+    signature = signature_map.signature_def[signature_name]
     strings_in = [k for k, v in signature.inputs.items() if v.dtype == types_pb2.DT_STRING]
     if len(signature.inputs) != 1 or not strings_in:
-        raise ModelSignatureError(f"model {model.name!r}: signature {model.signature!r} must take one "
-                                  f"DT_STRING input of encoded images, it takes {dict(signature.inputs)}")
+        raise ModelSignatureError(f"model {name!r}: signature {signature_name!r} must take one "
+                                  f"DT_STRING input of encoded images, it takes {sorted(signature.inputs)}")
     floats = [k for k, v in signature.outputs.items() if v.dtype == types_pb2.DT_FLOAT and _rank(v) == 2]
     strings = [k for k, v in signature.outputs.items() if v.dtype == types_pb2.DT_STRING]
     if len(floats) != 1 or len(strings) != 1:
-        raise ModelSignatureError(f"model {model.name!r}: expected one [batch, classes] float output and one "
+        raise ModelSignatureError(f"model {name!r}: expected one [batch, classes] float output and one "
                                   f"string labels output, got {sorted(signature.outputs)}")
-    model.input_key, model.probabilities_key, model.labels_key = strings_in[0], floats[0], strings[0]
-    model.version = response.model_spec.version.value
+    return ModelMeta(version=response.model_spec.version.value, input_key=strings_in[0],
+                     probabilities_key=floats[0], labels_key=strings[0])
 
 
 def warmup_image() -> bytes:
@@ -107,54 +131,48 @@ def warmup_image() -> bytes:
     return encoded.tobytes()
 
 
+@dataclass(frozen=True)
+class PredictReply:
+    probabilities: np.ndarray  # [N, C]
+    version: int
+    labels: tuple[Label, ...] | None  # only when asked for
+
+
 class TfServingClient:
-    """Predict / metadata / status calls against TF Serving (or the local stand-in)."""
+    """Predict / metadata / status calls against TF Serving (or the local stand-in). Stateless:
+    what it learns it returns; the catalog keeps it."""
 
     def __init__(self, channel: grpc.aio.Channel) -> None:
         self.predictions = prediction_service_pb2_grpc.PredictionServiceStub(channel)
         self.models = model_service_pb2_grpc.ModelServiceStub(channel)
 
-    async def discover(self, model: ModelInfo, timeout: float) -> None:
-        """Read the signature and labels of `model`; marks it available, or raises grpc.aio.AioRpcError."""
+    async def discover(self, name: str, signature: str, timeout: float) -> ModelMeta:
+        """The signature and labels of a served model, read with GetModelMetadata and one warm-up
+        Predict; raises grpc.aio.AioRpcError or ModelSignatureError."""
         request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
-        request.model_spec.name = model.name
+        request.model_spec.name = name
         response = await self.predictions.GetModelMetadata(request, timeout=timeout, metadata=outgoing_metadata())
-        read_signature(response, model)
-        model.labels = []  # the warm-up Predict below fetches them
-        await self.predict(model, [warmup_image()], timeout=timeout)
-        model.available, model.error = True, ""
+        meta = read_signature(response, name, signature)
+        reply = await self.predict(name, signature, meta, [warmup_image()], timeout, with_labels=True)
+        return meta.with_labels(reply.labels or (), reply.version)
 
-    async def predict(self, model: ModelInfo, images: list[bytes], timeout: float | None) -> list[Prediction]:
-        """Probabilities for each encoded image, in order, labelled with the model's labels.
-
-        Labels are learned once (at discovery) rather than parsed on every call;
-        they are fetched again only when the server answers with a version other
-        than the one they came from, since a new version may have new classes.
-        """
-        response = await self._predict(model, images, timeout, with_labels=not model.labels)
-        version = response.model_spec.version.value
-        if model.labels and version != model.version:
-            response = await self._predict(model, images, timeout, with_labels=True)
-            version = response.model_spec.version.value
-        if model.labels_key in response.outputs:
-            first_row = tf.make_ndarray(response.outputs[model.labels_key])[0]
-            model.labels = [Label.parse(x.decode() if isinstance(x, bytes) else str(x)) for x in first_row]
-            model.make_of_class = make_index(model.labels)
-            model.version = version
-        probabilities = tf.make_ndarray(response.outputs[model.probabilities_key])
-        return [Prediction(probabilities=row, labels=model.labels, version=version, signature=model.signature,
-                           make_of_class=model.make_of_class) for row in probabilities]
-
-    async def _predict(self, model: ModelInfo, images: list[bytes], timeout: float | None,
-                       with_labels: bool) -> predict_pb2.PredictResponse:
+    async def predict(self, name: str, signature: str, meta: ModelMeta, images: list[bytes],
+                      timeout: float | None, with_labels: bool = False) -> PredictReply:
+        """Probabilities for each encoded image, in order (and the labels when asked)."""
         request = predict_pb2.PredictRequest()
-        request.model_spec.name = model.name
-        request.model_spec.signature_name = model.signature
-        request.inputs[model.input_key].CopyFrom(tf.make_tensor_proto(images, dtype=tf.string))
-        request.output_filter.append(model.probabilities_key)
+        request.model_spec.name = name
+        request.model_spec.signature_name = signature
+        request.inputs[meta.input_key].CopyFrom(tf.make_tensor_proto(images, dtype=tf.string))
+        request.output_filter.append(meta.probabilities_key)
         if with_labels:
-            request.output_filter.append(model.labels_key)
-        return await self.predictions.Predict(request, timeout=timeout, metadata=outgoing_metadata())
+            request.output_filter.append(meta.labels_key)
+        response = await self.predictions.Predict(request, timeout=timeout, metadata=outgoing_metadata())
+        labels = None
+        if with_labels and meta.labels_key in response.outputs:
+            first_row = tf.make_ndarray(response.outputs[meta.labels_key])[0]
+            labels = tuple(Label.parse(x.decode() if isinstance(x, bytes) else str(x)) for x in first_row)
+        return PredictReply(probabilities=tf.make_ndarray(response.outputs[meta.probabilities_key]),
+                            version=response.model_spec.version.value, labels=labels)
 
     async def is_available(self, name: str, timeout: float) -> bool:
         """True when GetModelStatus reports a version AVAILABLE."""

@@ -1,6 +1,8 @@
 """Shared fixtures: the real services, started once per test session on ephemeral ports."""
 from __future__ import annotations
 
+import signal
+
 import grpc
 import pytest
 
@@ -39,6 +41,21 @@ def router(stack_logs, model_server, logo_service):
     service.wait_healthy()
     yield service
     service.stop()
+
+
+@pytest.fixture
+def make_router(model_server, stack_logs):
+    """Start extra routers against the session's model server; they are killed after the test."""
+    started = []
+
+    def make(logo_address: str, **kwargs):
+        router = start_router(model_server.address, logo_address, stack_logs, **kwargs)
+        started.append(router)
+        return router
+
+    yield make
+    for router in started:
+        router.stop(signal.SIGKILL)
 
 
 @pytest.fixture(scope="session")
