@@ -61,8 +61,9 @@ _CODE_BY_VALUE = {code.value[0]: code for code in grpc.StatusCode}
 # TF Serving (Session::Run) reports only "<message>\n\t [[{{node X}}]]".
 _EAGER_PREFIX = re.compile(r"\A.*?<stack traces unavailable>\n", re.DOTALL)
 _EAGER_OP_SUFFIX = re.compile(r"\s*\[Op:[^\]]*\]\s*\Z")
-# Graph internals a client cannot act on: "\t [[{{node decode/DecodeJpeg}}]]" and the like.
-_NODE_NAMES = re.compile(r"\s*\[\[\{\{node [^}]*\}\}\]\]")
+# Graph internals a client cannot act on: "\t [[{{node decode/DecodeJpeg}}]]",
+# "[[{{function_node __inference_serve_1}}{{node Assert/Assert}}]]" and the like.
+_NODE_NAMES = re.compile(r"\s*\[\[\{\{(?:function_)?node [^\]]*\]\]")
 # Peer addresses that grpc puts into connection errors ("ipv4:127.0.0.1:8500", "unix:/x").
 _PEERS = re.compile(r"\b(?:ipv4|ipv6|unix|unix-abstract|dns):[^\s,;)\]}'\"]+")
 

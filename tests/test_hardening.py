@@ -21,7 +21,7 @@ from router_service.catalog import ModelCatalog
 from router_service.routing import MAX_IMAGE_ID_CHARS
 from router_service.settings import DEFAULT_GLOBAL_MODEL as GLOBAL
 from router_service.tf_serving import TfServingClient
-from scripts.stack import start_logo_service, start_model_server, start_router
+from scripts.stack import ROOT, start_logo_service, start_model_server, start_router
 from tests import images
 from tests.certs import make_certificates
 from tests.test_faults import stub_for
@@ -206,3 +206,15 @@ def test_the_whole_chain_runs_on_mtls_and_binds_loopback(tmp_path, logo_hit):
         for service in (router, logo, models):
             if service is not None:
                 service.stop(signal.SIGKILL)
+
+
+def test_the_default_models_graph_refuses_a_bomb_before_decoding():
+    """What protects the real TF Serving, which has no header check of its own."""
+    latest = max((ROOT / "serving_models" / GLOBAL).iterdir(), key=lambda p: int(p.name) if p.name.isdigit() else -1)
+    model = tf.saved_model.load(str(latest))
+    for name in ("serving_default", "audi"):
+        started = time.monotonic()
+        with pytest.raises(tf.errors.InvalidArgumentError, match="megapixels"):
+            model.signatures[name](image_bytes=tf.constant([images.photo("00001"), images.decompression_bomb_png(10_000)]))
+        assert time.monotonic() - started < 2
+    assert model.signatures["serving_default"](image_bytes=tf.constant([images.photo("00001")]))["probabilities"].shape[0] == 1

@@ -43,6 +43,7 @@ import tensorflow as tf
 
 from common.plugins import DEFAULT_PLUGINS_DIR, load_plugins
 from training import data
+from training.image_guard import check_image_sizes
 from training.metrics import expected_calibration_error, fit_temperature
 from training.split import Photo, data_dir, load_split, split_hash
 from training.train import load_checkpoint, machine
@@ -83,7 +84,9 @@ class SignatureModule(tf.Module):
 
     def _signature(self, name: str):
         def serve(image_bytes):
-            return self._serve(name, image_bytes)
+            # refuse decompression bombs before decoding, so the real TF Serving is protected too
+            with tf.control_dependencies([check_image_sizes(image_bytes)]):
+                return self._serve(name, tf.identity(image_bytes))
 
         return tf.function(serve, input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
 
