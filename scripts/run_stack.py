@@ -1,5 +1,8 @@
 """`make run`: start model server, logo service and router; recognise IMAGES; keep serving until Ctrl-C.
 
+A service that dies is restarted on its port while the others keep serving
+(scripts/supervisor.py).
+
     python -m scripts.run_stack [IMAGE_OR_FOLDER ...]
 
 Ports come from MODEL_SERVER_PORT (8500), LOGO_PORT (50051) and ROUTER_PORT
@@ -14,6 +17,7 @@ import time
 
 from client.__main__ import main as client_main
 from scripts.stack import ROOT, start_logo_service, start_model_server, start_router
+from scripts.supervisor import Supervisor
 from common.data import data_dir
 
 # Test-split photos: three on which the logo gate fires (audi, chevrolet, dodge),
@@ -35,32 +39,28 @@ def main(argv: list[str]) -> int:
     images = argv or default_images()
     log_dir = ROOT / "runs" / "stack"
     port = lambda name, default: int(os.environ.get(name, default))  # noqa: E731
-    services = []
+    supervisor = Supervisor()
     try:
         print(f"starting services (logs in {log_dir}) ...", file=sys.stderr)
-        model_server = start_model_server(log_dir, port("MODEL_SERVER_PORT", 8500))
-        services.append(model_server)
-        logo = start_logo_service(log_dir, port("LOGO_PORT", 50051))
-        services.append(logo)
-        router = start_router(model_server.address, logo.address, log_dir, port("ROUTER_PORT", 50050))
-        services.append(router)
-        for service in services:
+        model_server = supervisor.add(lambda p: start_model_server(log_dir, p), port("MODEL_SERVER_PORT", 8500))
+        logo = supervisor.add(lambda p: start_logo_service(log_dir, p), port("LOGO_PORT", 50051))
+        router = supervisor.add(lambda p: start_router(model_server.address, logo.address, log_dir, p),
+                                port("ROUTER_PORT", 50050))
+        for service in supervisor.services:
             service.wait_healthy()
-            print(f"{service.name}: SERVING on {service.address}", file=sys.stderr)
+            print(f"{service.name}: SERVING on {service.address} (pid {service.process.pid})", file=sys.stderr)
         if images:
             client_main(["--address", router.address, *images])
         else:
             print("no images given and ../shared/data is not there: pass IMAGES=...", file=sys.stderr)
         print(f"the stack keeps running (router on {router.address}); Ctrl-C stops it", file=sys.stderr)
-        while all(s.process.poll() is None for s in services):
-            time.sleep(1)
-        print("a service exited; stopping the others", file=sys.stderr)
-        return 1
+        while True:
+            supervisor.check()
+            time.sleep(0.5)
     except KeyboardInterrupt:
         return 0
     finally:
-        for service in reversed(services):
-            service.stop(signal.SIGTERM)
+        supervisor.stop_all(signal.SIGTERM)
 
 
 if __name__ == "__main__":

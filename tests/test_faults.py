@@ -1,6 +1,7 @@
 """Faults: each fallback, health transitions, graceful shutdown, concurrency limit, TLS."""
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import signal
@@ -17,7 +18,8 @@ from carrecog.v1 import recognition_service_pb2 as pb
 from carrecog.v1 import recognition_service_pb2_grpc as pb_grpc
 from router_service.server import SERVICE_NAME as SERVICE
 from router_service.settings import DEFAULT_GLOBAL_MODEL as GLOBAL
-from scripts.stack import ROOT, start_model_server, start_router
+from scripts.stack import ROOT, start_logo_service, start_model_server, start_router
+from scripts.supervisor import Supervisor
 from tests import images
 from tests.certs import make_certificates
 from tests.test_stack import recognize
@@ -213,3 +215,34 @@ def test_tls_and_mtls(make_router, certificates):
     channel, stub = stub_for(router)  # plaintext
     with channel, pytest.raises(grpc.RpcError):
         recognize(stub, images.photo("00001"))
+
+
+def test_make_run_restarts_a_dead_service_while_the_others_keep_serving(model_server, stack_logs, logo_hit):
+    """What `make run` does (scripts/run_stack.py): a killed logo service only degrades answers, then is back."""
+    log = io.StringIO()
+    supervisor = Supervisor(min_backoff_s=0.5, log=log)
+    folder = stack_logs / "supervised"
+    try:
+        logo = supervisor.add(lambda port: start_logo_service(folder, port))
+        router = supervisor.add(lambda port: start_router(model_server.address, logo.address, folder, port))
+        for service in supervisor.services:
+            service.wait_healthy()
+        photo = logo_hit[0].path.read_bytes()
+        channel, stub = stub_for(router)
+        with channel:
+            logo.process.kill()
+            logo.process.wait()
+            degraded = recognize(stub, photo)  # the router keeps answering, and says why
+            assert degraded.route == pb.ROUTE_FALLBACK_GLOBAL and degraded.label
+            assert degraded.fallback_reason == pb.FALLBACK_REASON_LOGO_SERVICE_UNAVAILABLE
+            assert supervisor.check() == ["logo_service"] and "restarting" in log.getvalue()
+            restarted = supervisor.entries["logo_service"].service
+            assert restarted.port == logo.port and restarted.process.pid != logo.process.pid
+            restarted.wait_healthy()
+            deadline = time.monotonic() + 10
+            while (reply := recognize(stub, photo)).route != pb.ROUTE_BRAND_MODEL and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert reply.route == pb.ROUTE_BRAND_MODEL and reply.logo_matched
+            assert router.process.poll() is None and supervisor.check() == []
+    finally:
+        supervisor.stop_all(signal.SIGKILL)
