@@ -32,7 +32,7 @@ $(STUBS): $(PROTOS) $(STAMP)
 # The logo service's SIFT gallery, mined from the shared train photos; cached in
 # $$CARRECOG_CACHE_DIR (default ~/.cache/carrecog) by fingerprint, so this is a no-op once built.
 gallery: protos
-	$(PY) -m logo_service.gallery build
+	$(PY) -m training.logo_gallery build
 
 run: protos gallery
 	$(PY) -m scripts.run_stack $(IMAGES)

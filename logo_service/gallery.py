@@ -1,60 +1,35 @@
-"""The logo gallery: brand exemplars mined from TRAIN photos plus the plugins' logo artwork.
+"""The logo gallery the service matches against, loaded from its artifact.
 
-Why photos and not only artwork: flat logo artwork hardly matches a chrome
-emblem photographed at an angle (measured: 4 % of photos fired, 1 in 4 right).
-Emblems, grilles and badges as they look in real train photos match far better.
+The gallery is built offline (`make gallery`, training/logo_gallery.py) from
+the TRAIN photos and the plugins' logo artwork, into an artifact folder:
 
-What is stored, per gallery keypoint: its SIFT descriptor (uint8, lossless for
-OpenCV's SIFT), its xy in the exemplar image, its exemplar, and `neg_distance`:
-the distance to the nearest descriptor from a train photo of ANOTHER make
-(the 43 non-plugin makes included). The matcher accepts a match only when the
-query descriptor is clearly closer to the gallery keypoint than that
-(a ratio test against every other make, without keeping their descriptors).
-Per exemplar only the most brand-distinctive keypoints are kept
-(neg_distance / distance to the nearest same-brand keypoint of another photo),
-so the gallery stays small and fast.
+    gallery.npz     the arrays below, plain .npz (no pickle)
+    manifest.json   fingerprint, brands with their exemplar and descriptor
+                    counts, the build command, when and where it was built,
+                    and the gate it was calibrated with
 
-Saved as a plain `.npz` (no pickle) under $CARRECOG_CACHE_DIR/logo_gallery/ (default ~/.cache/carrecog), named by a
-fingerprint of plugins + photos + parameters + OpenCV version, so it is built
-once and rebuilt automatically when anything it depends on changes.
-
-    python -m logo_service.gallery build [--force]
-    python -m logo_service.gallery info
+The service loads only that: it needs neither the training photos nor the
+code that mined them. What is stored per gallery keypoint: its SIFT descriptor
+(uint8, lossless for OpenCV's SIFT), its xy in the exemplar image, its
+exemplar, and `neg_distance`, the distance to the nearest descriptor from a
+train photo of ANOTHER make (see logo_service/matcher.py for how it is used).
 """
 from __future__ import annotations
 
-import argparse
-import hashlib
 import json
-import logging
 import os
-import time
-import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
 
-import cv2
 import numpy as np
 
-from common.plugins import DEFAULT_PLUGINS_DIR, BrandPlugin, load_plugins
-from logo_service.features import flann_index, logo_gray, sift_features, to_matching_space
-from training.split import Photo, data_dir, load_split
-
-logger = logging.getLogger("carrecog.logo.gallery")
-
-# Outside the checkout by default, like pip's cache: a fresh clone on the same machine
-# (CI, a second worktree) reuses a gallery whose fingerprint matches instead of re-mining.
-DEFAULT_CACHE_DIR = Path(os.environ.get("CARRECOG_CACHE_DIR", Path.home() / ".cache" / "carrecog")) / "logo_gallery"
-FORMAT_VERSION = 2  # bump when the build logic changes in a way the parameters do not capture
+ARTIFACT_FORMAT = 1
+GALLERY_FILE, MANIFEST_FILE = "gallery.npz", "manifest.json"
+DEFAULT_ARTIFACT_DIR = Path(__file__).resolve().parent.parent / "artifacts" / "logo_gallery"
 
 
-@dataclass(frozen=True)
-class GalleryParams:
-    max_keypoints_per_exemplar: int = 150  # keeps the gallery under ~300k descriptors
-    min_keypoints_per_exemplar: int = 12  # fewer cannot reach a sane inlier gate
-    mining_neighbors: int = 16  # k for the mining k-NN over all train descriptors
-    mining_checks: int = 32  # FLANN leaf checks for mining
+class MissingArtifact(RuntimeError):
+    """No usable gallery artifact where the service was told to look."""
 
 
 @dataclass
@@ -91,189 +66,18 @@ class Gallery:
         return [(int(e), int(d)) for e, d in zip(per_ex, per_desc)]
 
 
-def _sha256_file(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def fingerprint(plugins: dict[str, BrandPlugin], photos: Sequence[Photo], params: GalleryParams) -> str:
-    """Changes whenever the gallery would come out different."""
-    h = hashlib.sha256()
-    h.update(json.dumps({"format": FORMAT_VERSION, "params": asdict(params), "opencv": cv2.__version__}).encode())
-    for slug in sorted(plugins):
-        p = plugins[slug]
-        h.update(json.dumps([p.slug, p.name, list(p.makes)]).encode())
-        for logo in p.logos:
-            h.update(_sha256_file(logo).encode())
-    for photo in photos:
-        h.update(f"{photo.image_id},{photo.make};".encode())
-    return h.hexdigest()[:16]
-
-
-@dataclass
-class _Keypoints:
-    """SIFT keypoints of every image the build looks at, concatenated."""
-
-    xy: np.ndarray  # (n, 2) float32
-    desc: np.ndarray  # (n, 128) uint8
-    owner: np.ndarray  # (n,) int32 image index
-    names: list[str]  # per image: exemplar name
-    brand: np.ndarray  # per image: brand index, -1 for the other makes
-    group: np.ndarray  # per image: brand index, or a distinct id per other make
-    n_logos: int  # images [0, n_logos) are logo artwork
-
-
-def _extract(plugins: dict[str, BrandPlugin], slugs: list[str], photos: Sequence[Photo]) -> _Keypoints:
-    started = time.perf_counter()
-    make_to_brand = {m: i for i, s in enumerate(slugs) for m in plugins[s].makes}
-    other_makes: dict[str, int] = {}
-    names: list[str] = []
-    brand: list[int] = []
-    group: list[int] = []
-    xy_parts, desc_parts, owner_parts = [], [], []
-
-    def add(name: str, brand_i: int, make: str, gray: np.ndarray) -> None:
-        f = sift_features(gray)
-        xy_parts.append(f.xy)
-        desc_parts.append(f.descriptors.astype(np.uint8))  # OpenCV's SIFT values are whole numbers <= 255
-        owner_parts.append(np.full(len(f.xy), len(names), np.int32))
-        names.append(name)
-        brand.append(brand_i)
-        group.append(brand_i if brand_i >= 0 else len(slugs) + other_makes.setdefault(make, len(other_makes)))
-
-    for i, slug in enumerate(slugs):
-        for logo in plugins[slug].logos:
-            add(f"logo:{slug}/{logo.name}", i, plugins[slug].makes[0], logo_gray(str(logo)))
-    n_logos = len(names)
-    for i, photo in enumerate(photos):
-        gray = cv2.imread(str(photo.path), cv2.IMREAD_GRAYSCALE)
-        if gray is None:
-            raise ValueError(f"cannot read train photo {photo.path}")
-        add(f"photo:{photo.image_id}", make_to_brand.get(photo.make, -1), photo.make, gray)
-        if i % 500 == 0:
-            logger.info("sift %d/%d photos, %.0f s", i, len(photos), time.perf_counter() - started)
-    return _Keypoints(np.concatenate(xy_parts), np.concatenate(desc_parts), np.concatenate(owner_parts),
-                      names, np.array(brand, np.int32), np.array(group, np.int32), n_logos)
-
-
-def _mine(kp: _Keypoints, params: GalleryParams) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """For every brand keypoint: (row, distance to nearest other-make descriptor, distinctiveness).
-
-    One k-NN search of the brand keypoints among ALL train-photo keypoints
-    (logos are queried but are never neighbours: they would vouch for themselves).
-    """
-    is_photo = kp.owner >= kp.n_logos
-    photo_rows = np.flatnonzero(is_photo)
-    index = flann_index(to_matching_space(kp.desc[photo_rows]))
-    query = np.flatnonzero(kp.brand[kp.owner] >= 0)
-    nn, sq = index.knnSearch(to_matching_space(kp.desc[query]), params.mining_neighbors,
-                             params=dict(checks=params.mining_checks))
-    del index  # ~1 GB for the full train set; free it before the next step
-    dist = np.sqrt(np.maximum(sq, 0.0))
-    nn = photo_rows[nn]
-    group = kp.group[kp.owner]
-    same_group = group[nn] == group[query][:, None]
-    other_photo = kp.owner[nn] != kp.owner[query][:, None]
-    # No other-make neighbour among k: the true one is at least as far as the k-th.
-    d_neg = np.where(same_group, np.inf, dist).min(axis=1)
-    d_neg = np.where(np.isinf(d_neg), dist[:, -1], d_neg)
-    # Nearest keypoint of the same brand in ANOTHER photo: small when the
-    # keypoint recurs across the brand's photos (emblem, grille, badge).
-    d_same = np.where(same_group & other_photo, dist, np.inf).min(axis=1)
-    distinct = d_neg / np.maximum(d_same, 1e-3)
-    return query, d_neg.astype(np.float32), distinct
-
-
-def _select(owner: np.ndarray, distinct: np.ndarray, n_logos: int, params: GalleryParams) -> np.ndarray:
-    """Indices (into owner) of the most distinctive keypoints per exemplar; every logo keypoint."""
-    order = np.lexsort((-distinct, owner))
-    sorted_owner = owner[order]
-    first = np.r_[0, np.flatnonzero(np.diff(sorted_owner)) + 1]
-    rank = np.arange(len(order)) - np.repeat(first, np.diff(np.r_[first, len(order)]))
-    is_logo = sorted_owner < n_logos
-    keep = (rank < params.max_keypoints_per_exemplar) | is_logo
-    counts = np.bincount(sorted_owner[keep], minlength=int(owner.max(initial=0)) + 1)
-    keep &= (counts[sorted_owner] >= params.min_keypoints_per_exemplar) | is_logo
-    return np.sort(order[keep])  # back to (exemplar, keypoint) order
-
-
-def build_gallery(plugins: dict[str, BrandPlugin], photos: Sequence[Photo], params: GalleryParams) -> Gallery:
-    """Mine brand exemplars from `photos` (TRAIN photos only: the caller's job) plus logo artwork.
-
-    Every photo gives keypoints: plugin brands' photos become exemplars, the
-    other makes' photos only tell which descriptors are NOT brand specific.
-    """
-    started = time.perf_counter()
-    slugs = sorted(plugins)
-    kp = _extract(plugins, slugs, photos)
-    query, d_neg, distinct = _mine(kp, params)
-    chosen = _select(kp.owner[query], distinct, kp.n_logos, params)
-    rows = query[chosen]
-    used_images, exemplar = np.unique(kp.owner[rows], return_inverse=True)
-    info = {
-        "params": asdict(params), "opencv": cv2.__version__, "train_photos": len(photos),
-        "train_descriptors": int((kp.owner >= kp.n_logos).sum()), "descriptors": int(len(rows)),
-        "exemplars": int(len(used_images)), "logo_exemplars": int((used_images < kp.n_logos).sum()),
-        "build_seconds": round(time.perf_counter() - started, 1),
-    }
-    logger.info("gallery built: %s", info)
-    return Gallery(
-        descriptors=kp.desc[rows],
-        xy=kp.xy[rows].astype(np.float32),
-        neg_distance=d_neg[chosen],
-        exemplar=exemplar.astype(np.int32),
-        exemplar_brand=kp.brand[used_images],
-        exemplar_names=np.array([kp.names[i] for i in used_images]),
-        brand_slugs=np.array(slugs),
-        brand_names=np.array([plugins[s].name for s in slugs]),
-        fingerprint=fingerprint(plugins, photos, params),
-        build_info=json.dumps(info),
-    )
-
-
-def train_photos(root: Path | None = None) -> list[Photo]:
-    """The photos a gallery may learn from: the TRAIN split only, never val/test."""
-    return [p for p in load_split(root) if p.split == "train"]
-
-
-def cached_gallery(plugins: dict[str, BrandPlugin], photos: Sequence[Photo], cache_dir: Path = DEFAULT_CACHE_DIR,
-                   params: GalleryParams = GalleryParams(), force: bool = False) -> tuple[Gallery, Path]:
-    """The gallery for exactly these plugins, photos and parameters: loaded, or built and saved."""
-    path = cache_dir / f"gallery-{fingerprint(plugins, photos, params)}.npz"
-    if path.is_file() and not force:
-        try:
-            return Gallery.load(path), path
-        except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as exc:
-            logger.warning("cached gallery %s is unreadable (%s); rebuilding it", path, exc)
-    logger.info("building logo gallery %s (no cached copy)", path)
-    gallery = build_gallery(plugins, photos, params)
-    gallery.save(path)
-    return gallery, path
-
-
-def load_or_build(plugins_dir: Path = DEFAULT_PLUGINS_DIR, data_root: Path | None = None,
-                  cache_dir: Path = DEFAULT_CACHE_DIR, params: GalleryParams = GalleryParams(),
-                  force: bool = False) -> Gallery:
-    """The service's gallery: every plugin, every TRAIN photo; built (minutes) when missing or stale."""
-    data_root = data_root or data_dir()
-    plugins = load_plugins(plugins_dir, data_root)
-    return cached_gallery(plugins, train_photos(data_root), cache_dir, params, force)[0]
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m logo_service.gallery", description=__doc__.split("\n")[0])
-    parser.add_argument("command", choices=["build", "info"])
-    parser.add_argument("--plugins-dir", type=Path, default=DEFAULT_PLUGINS_DIR)
-    parser.add_argument("--data-dir", type=Path, default=None, help="shared data root ($CARRECOG_DATA_DIR)")
-    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
-    parser.add_argument("--force", action="store_true", help="rebuild even when a cached gallery exists")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    cv2.setNumThreads(1)  # the machine is shared; one core is plenty
-    gallery = load_or_build(args.plugins_dir, args.data_dir, args.cache_dir, force=args.force)
-    print(json.dumps(json.loads(gallery.build_info), indent=1))
-    for slug, (ex, d) in zip(gallery.brand_slugs, gallery.brand_counts()):
-        print(f"{slug:12s} exemplars {ex:5d} descriptors {d:7d}")
-
-
-if __name__ == "__main__":
-    main()
+def load_artifact(folder: Path) -> tuple[Gallery, dict]:
+    """(gallery, manifest) from an artifact folder; MissingArtifact says what to run when it is absent or broken."""
+    manifest_path, gallery_path = Path(folder) / MANIFEST_FILE, Path(folder) / GALLERY_FILE
+    if not manifest_path.is_file() or not gallery_path.is_file():
+        raise MissingArtifact(f"no logo gallery artifact in {folder} (it needs {MANIFEST_FILE} and {GALLERY_FILE}): "
+                              "build it with `make gallery`, or point LOGO_GALLERY_DIR at one")
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("format") != ARTIFACT_FORMAT:
+        raise MissingArtifact(f"{manifest_path}: artifact format {manifest.get('format')!r}, this service reads "
+                              f"{ARTIFACT_FORMAT}; rebuild it with `make gallery`")
+    gallery = Gallery.load(gallery_path)
+    if gallery.fingerprint != manifest.get("fingerprint"):
+        raise MissingArtifact(f"{folder}: {GALLERY_FILE} has fingerprint {gallery.fingerprint}, the manifest says "
+                              f"{manifest.get('fingerprint')}; rebuild it with `make gallery`")
+    return gallery, manifest

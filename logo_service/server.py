@@ -21,12 +21,10 @@ import numpy as np
 
 from carrecog.v1 import logo_service_pb2 as pb
 from carrecog.v1 import logo_service_pb2_grpc as pb_grpc
-from common.data import data_dir
 from common.images import DEFAULT_MAX_BYTES, InvalidImage, validate_image
 from common.logs import log_event
-from common.plugins import DEFAULT_PLUGINS_DIR
 from common.server import GrpcServer, ServerSettings, add_server_arguments, env
-from logo_service.gallery import DEFAULT_CACHE_DIR, Gallery, load_or_build
+from logo_service.gallery import DEFAULT_ARTIFACT_DIR, load_artifact
 from logo_service.matcher import Candidate, LogoMatcher, MatchResult, UndecodableImage
 
 logger = logging.getLogger("carrecog.logo")
@@ -42,11 +40,9 @@ class LogoSettings:
     """Everything the logo service reads from flags / environment, once, at start."""
 
     server: ServerSettings
-    plugins_dir: Path
-    data_dir: Path
-    cache_dir: Path
-    gallery_file: Path | None  # a prebuilt gallery .npz; skips the fingerprint lookup
+    gallery_dir: Path  # the artifact `make gallery` builds: gallery.npz + manifest.json
     min_inliers: int
+    calibrated_on: str | None  # fingerprint of the gallery the gate was calibrated on
     gate_source: str  # where min_inliers came from, for the start-up log
     workers: int
     max_image_bytes: int
@@ -55,15 +51,8 @@ class LogoSettings:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_server_arguments(parser, "LOGO", DEFAULT_PORT)
-    plugins_default = env("LOGO_PLUGINS_DIR", env("CARRECOG_PLUGINS_DIR", str(DEFAULT_PLUGINS_DIR)))
-    parser.add_argument("--plugins-dir", type=Path, default=Path(plugins_default),
-                        help="brand plugin folders ($LOGO_PLUGINS_DIR, else $CARRECOG_PLUGINS_DIR)")
-    parser.add_argument("--data-dir", type=Path, default=None,
-                        help="shared data root with stanford_cars/ and car_logos/ ($CARRECOG_DATA_DIR)")
-    parser.add_argument("--cache-dir", type=Path, default=Path(env("LOGO_CACHE_DIR", str(DEFAULT_CACHE_DIR))),
-                        help="where the built gallery is cached ($LOGO_CACHE_DIR)")
-    parser.add_argument("--gallery-file", type=Path, default=env("LOGO_GALLERY_FILE"),
-                        help="load this gallery .npz instead of the cached/built one ($LOGO_GALLERY_FILE)")
+    parser.add_argument("--gallery-dir", type=Path, default=Path(env("LOGO_GALLERY_DIR", str(DEFAULT_ARTIFACT_DIR))),
+                        help="the gallery artifact built by `make gallery` ($LOGO_GALLERY_DIR)")
     parser.add_argument("--min-inliers", type=int, default=env("LOGO_MIN_INLIERS"),
                         help="acceptance gate; default: the calibrated one in calibration.json ($LOGO_MIN_INLIERS)")
     parser.add_argument("--calibration", type=Path, default=Path(env("LOGO_CALIBRATION", str(DEFAULT_CALIBRATION))),
@@ -76,26 +65,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def settings_from_args(args: argparse.Namespace) -> LogoSettings:
+    calibrated_on = None
     if args.min_inliers is not None:
         min_inliers, source = int(args.min_inliers), "LOGO_MIN_INLIERS / --min-inliers"
     else:
         try:
-            min_inliers = int(json.loads(args.calibration.read_text())["gate"]["min_inliers"])
+            report = json.loads(args.calibration.read_text())
+            min_inliers = int(report["gate"]["min_inliers"])
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"{args.calibration}: no calibrated gate ({exc}); run "
-                             "`python -m logo_service.calibrate` or set LOGO_MIN_INLIERS") from exc
-        source = str(args.calibration)
+                             "`python -m training.logo_calibrate` or set LOGO_MIN_INLIERS") from exc
+        source, calibrated_on = str(args.calibration), report.get("gallery", {}).get("fingerprint")
     if min_inliers < 1:
         raise ValueError(f"min inliers must be >= 1, got {min_inliers}")
     if args.workers < 1:
         raise ValueError(f"LOGO_WORKERS must be >= 1, got {args.workers}")
     return LogoSettings(
         server=ServerSettings.from_args(args),
-        plugins_dir=args.plugins_dir,
-        data_dir=args.data_dir or data_dir(),
-        cache_dir=args.cache_dir,
-        gallery_file=Path(args.gallery_file) if args.gallery_file else None,
+        gallery_dir=args.gallery_dir,
         min_inliers=min_inliers,
+        calibrated_on=calibrated_on,
         gate_source=source,
         workers=args.workers,
         max_image_bytes=int(args.max_image_mb * 2**20),
@@ -154,11 +143,13 @@ class LogoServicer(pb_grpc.LogoServiceServicer):
 
 
 def load_matcher(settings: LogoSettings) -> LogoMatcher:
-    """Gallery (cached, or built: minutes on a fresh machine) -> matcher, warmed by one match."""
-    if settings.gallery_file is not None:
-        gallery = Gallery.load(settings.gallery_file)
-    else:
-        gallery = load_or_build(settings.plugins_dir, settings.data_dir, settings.cache_dir)
+    """The gallery artifact -> matcher, warmed by one match. Reads no training photo."""
+    gallery, manifest = load_artifact(settings.gallery_dir)
+    if settings.calibrated_on and settings.calibrated_on != gallery.fingerprint:
+        log_event(logger, "gate calibrated on another gallery", logging.WARNING, gallery=gallery.fingerprint,
+                  calibrated_on=settings.calibrated_on, hint="run `python -m training.logo_calibrate`")
+    log_event(logger, "gallery loaded", folder=str(settings.gallery_dir), fingerprint=gallery.fingerprint,
+              built_at=manifest.get("built_at"), command=manifest.get("command"))
     matcher = LogoMatcher(gallery)
     # First call pays for lazy allocations; do it before saying SERVING.
     noise = np.random.default_rng(0).integers(0, 255, (240, 320), dtype=np.uint8)

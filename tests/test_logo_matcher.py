@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 
 from common.plugins import DEFAULT_PLUGINS_DIR, load_plugins
-from logo_service.calibrate import DEFAULT_OUT as CALIBRATION
-from logo_service.gallery import DEFAULT_CACHE_DIR, Gallery, cached_gallery
+from logo_service.gallery import Gallery
+from training.logo_calibrate import DEFAULT_OUT as CALIBRATION
+from training.logo_gallery import cached_gallery
 from logo_service.matcher import LogoMatcher, UndecodableImage
 from training.split import Photo, data_dir, load_split
 
@@ -48,7 +49,7 @@ def small_gallery_photos(photos: list[Photo]) -> list[Photo]:
 def small_gallery() -> tuple[Gallery, Path]:
     """Built once per machine (~10 s), then loaded from the cache."""
     plugins = load_plugins(DEFAULT_PLUGINS_DIR, data_dir())
-    return cached_gallery(plugins, small_gallery_photos(load_split()), DEFAULT_CACHE_DIR)
+    return cached_gallery(plugins, small_gallery_photos(load_split()))
 
 
 @pytest.fixture(scope="module")

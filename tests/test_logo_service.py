@@ -12,6 +12,7 @@ from carrecog.v1 import logo_service_pb2_grpc as pb_grpc
 from logo_service.server import add_arguments, settings_from_args
 from scripts.stack import start_service
 from tests.test_logo_matcher import HIT_BRAND, HIT_PHOTO, MISS_PHOTO, gate, small_gallery
+from training.logo_gallery import write_artifact
 from training.split import load_split
 
 
@@ -21,14 +22,18 @@ def photos():
 
 
 @pytest.fixture(scope="module")
-def gallery_file():
-    return small_gallery()[1]
+def gallery_dir(tmp_path_factory):
+    """The small test gallery as the artifact the service loads (gallery.npz + manifest.json)."""
+    return write_artifact(small_gallery()[0], tmp_path_factory.mktemp("gallery"), "tests: small gallery")
 
 
 @pytest.fixture(scope="module")
-def service(gallery_file, tmp_path_factory):
-    proc = start_service("logo_service", "logo_service", ["--gallery-file", str(gallery_file), "--workers", "2"],
-                         log_dir=tmp_path_factory.mktemp("logo"))
+def service(gallery_dir, tmp_path_factory):
+    # No training photos anywhere: the service starts from its artifact alone.
+    proc = start_service("logo_service", "logo_service", ["--gallery-dir", str(gallery_dir), "--workers", "2"],
+                         log_dir=tmp_path_factory.mktemp("logo"),
+                         env={"CARRECOG_DATA_DIR": str(tmp_path_factory.mktemp("no-data")),
+                              "CARRECOG_CACHE_DIR": str(tmp_path_factory.mktemp("no-cache"))})
     try:
         proc.wait_healthy(timeout=60)
         yield proc
@@ -92,8 +97,8 @@ def test_list_brands(stub):
     assert all(b.exemplars > 0 and b.descriptors >= b.exemplars for b in reply.brands)
 
 
-def test_sigterm_drains_and_exits_cleanly(gallery_file, tmp_path):
-    proc = start_service("logo_service", "logo_service", ["--gallery-file", str(gallery_file)], log_dir=tmp_path,
+def test_sigterm_drains_and_exits_cleanly(gallery_dir, tmp_path):
+    proc = start_service("logo_service", "logo_service", ["--gallery-dir", str(gallery_dir)], log_dir=tmp_path,
                          env={"LOGO_MIN_INLIERS": "25"})
     try:
         proc.wait_healthy(timeout=60)
@@ -120,3 +125,10 @@ def test_settings_come_from_env_and_flags(monkeypatch, tmp_path):
     monkeypatch.delenv("LOGO_MIN_INLIERS")
     with pytest.raises(ValueError, match="no calibrated gate"):
         settings("--calibration", str(tmp_path / "missing.json"))
+
+
+def test_a_missing_artifact_fails_at_start_saying_what_to_run(tmp_path):
+    with pytest.raises(RuntimeError, match="make gallery"):
+        proc = start_service("logo_service", "logo_service", ["--gallery-dir", str(tmp_path / "none")],
+                             log_dir=tmp_path, wait_for_port=60)
+        proc.wait_healthy(timeout=60)

@@ -26,6 +26,7 @@ from tensorflow_serving.apis import (classification_pb2, get_model_metadata_pb2,
                                      model_service_pb2_grpc, predict_pb2, prediction_service_pb2_grpc)
 
 from model_server.__main__ import build_parser
+from tests import images
 from model_server.batch_scheduler import BatchScheduler
 from model_server.batching import BatchingParameters, read_batching_parameters
 from model_server.errors import InvalidArgument, Unavailable
@@ -33,7 +34,7 @@ from model_server.config import (ConfigError, find_versions, load_model_server_c
                                  parse_prefix_map, plan_models)
 
 REPO = Path(__file__).resolve().parents[1]
-PHOTOS = Path("/work/shared/data/stanford_cars/images")
+PHOTOS = images.PHOTOS
 LABELS = ["Audi A4 2012", "BMW M3 2011", "Ford F-150 2010"]
 Code = grpc.StatusCode
 AVAILABLE = get_model_status_pb2.ModelVersionStatus.AVAILABLE
