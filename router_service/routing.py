@@ -16,7 +16,7 @@ from carrecog.v1 import logo_service_pb2, logo_service_pb2_grpc
 from carrecog.v1 import recognition_service_pb2 as pb
 from common.channels import outgoing_metadata
 from common.errors import ServiceError, client_message
-from common.images import DEFAULT_MAX_PIXELS, InvalidImage, validate_image
+from common.images import InvalidImage, validate_image
 from common.logs import REQUEST_ID, log_event
 from router_service.breaker import CircuitBreaker
 from router_service.catalog import ModelCatalog, ModelNotReady
@@ -40,12 +40,14 @@ class RecognitionError(ServiceError):
 
 @dataclass(frozen=True)
 class RoutingSettings:
-    logo_timeout_s: float = 1.0
-    predict_timeout_s: float = 10.0
-    max_image_bytes: int = 20 * 1024 * 1024
-    max_image_pixels: int = DEFAULT_MAX_PIXELS
-    breaker_failures: int = 3  # logo calls failed in a row that open the breaker
-    breaker_reset_s: float = 5.0  # then the logo stage is skipped this long before one probe call
+    """The part of RouterSettings the recognition uses; the defaults live there, once."""
+
+    logo_timeout_s: float
+    predict_timeout_s: float
+    max_image_bytes: int
+    max_image_pixels: int
+    breaker_failures: int  # logo calls failed in a row that open the breaker
+    breaker_reset_s: float  # then the logo stage is skipped this long before one probe call
 
 
 def check_request(request: pb.RecognizeRequest) -> None:
