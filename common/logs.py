@@ -57,6 +57,9 @@ def configure_logging(service: str, level: str = "INFO", capture_native: bool = 
     root.setLevel(level.upper())
 
 
+_ABSL_LEVELS = {"I": logging.INFO, "W": logging.WARNING, "E": logging.ERROR, "F": logging.CRITICAL}
+
+
 def _capture_native_stderr():
     """Point fd 2 at a pipe read by a thread that logs each line; returns a stream on the real stderr."""
     sys.stderr.flush()
@@ -71,7 +74,9 @@ def _capture_native_stderr():
         with os.fdopen(read_end, "r", encoding="utf-8", errors="replace") as lines:
             for line in lines:
                 if line.strip():
-                    native.warning("native stderr", extra={"fields": {"text": line.strip()[:2000]}})
+                    # absl's prefix ("I0000 ...", "W0000 ...") says the level; anything else is a warning
+                    level = _ABSL_LEVELS.get(line[0], logging.WARNING) if line[1:5].isdigit() else logging.WARNING
+                    native.log(level, "native stderr", extra={"fields": {"text": line.strip()[:2000]}})
 
     threading.Thread(target=pump, name="native-stderr", daemon=True).start()
     return real_stderr

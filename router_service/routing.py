@@ -5,9 +5,10 @@ This is the router's whole decision, kept apart from gRPC server plumbing so
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import grpc
 import numpy as np
@@ -20,6 +21,7 @@ from common.images import InvalidImage, validate_image
 from common.logs import REQUEST_ID, log_event
 from router_service.breaker import CircuitBreaker
 from router_service.catalog import ModelCatalog, ModelNotReady
+from router_service.settings import ALWAYS
 from router_service.tf_serving import ModelInfo, Prediction
 
 logger = logging.getLogger("carrecog.router")
@@ -48,6 +50,9 @@ class RoutingSettings:
     max_image_pixels: int
     breaker_failures: int  # logo calls failed in a row that open the breaker
     breaker_reset_s: float  # then the logo stage is skipped this long before one probe call
+    logo_policy: str  # ALWAYS or UNCERTAIN (router_service.settings.LOGO_POLICIES)
+    uncertain_below: float  # UNCERTAIN: the logo stage runs when the make confidence is below this
+
 
 
 def check_request(request: pb.RecognizeRequest) -> None:
@@ -87,43 +92,83 @@ class Recognizer:
             raise RecognitionError(grpc.StatusCode.INVALID_ARGUMENT,
                                    f"top_k must be between 1 and {MAX_TOP_K}, got {options.top_k}")
 
-        # Every branch sets response.route; model None means the global model.
-        model = None
         if options.force_model:
             model = self.catalog.find(options.force_model)
             if model is None:
                 raise RecognitionError(grpc.StatusCode.INVALID_ARGUMENT,
                                        f"unknown model {options.force_model!r}; served: {sorted(self.catalog.models)}")
+            if not model.available and model is not self.catalog.global_model:
+                raise RecognitionError(grpc.StatusCode.UNAVAILABLE, f"model {model.name!r} is not being served "
+                                       f"({model.error or 'not discovered yet'})")
             response.route = pb.ROUTE_FORCED_MODEL
             response.route_detail = f"model {model.name} forced by the caller"
+            prediction = await self._predict(model, request.image, response, deadline)
         elif options.skip_logo or self.logo is None:
             response.route = pb.ROUTE_GLOBAL_MODEL
             response.route_detail = ("logo stage skipped by the caller" if options.skip_logo
                                       else "no logo service configured") + " -> global model"
+            model, prediction = self.catalog.global_model, await self._predict_global(request.image, response, deadline)
         else:
-            model = await self._logo_stage(request.image, response, deadline)
-
-        if model is not None and model is not self.catalog.global_model and not model.available:
-            why = model.error or "not discovered yet"
-            if response.route == pb.ROUTE_FORCED_MODEL:
-                raise RecognitionError(grpc.StatusCode.UNAVAILABLE, f"model {model.name!r} is not being served ({why})")
-            self._fall_back(response, pb.FALLBACK_REASON_BRAND_MODEL_NOT_FOUND,
-                            f"brand model {model.name!r} is not served ({why})")
-            model = None
-        if model is None:
-            model = self.catalog.global_model
-
-        prediction = await self._predict(model, request.image, response, deadline)
-        if prediction is None:  # the brand model failed while being called: answer with the global model
-            model = self.catalog.global_model
-            prediction = await self._predict(model, request.image, response, deadline)
-            assert prediction is not None
+            model, prediction = await self._with_logo_stage(request.image, response, deadline)
         self._fill_prediction(response, model, prediction, top_k)
         response.timings.add(stage="total", ms=_ms_since(started))
         return response
 
-    async def _logo_stage(self, image: bytes, response: pb.RecognizeResponse, deadline: float | None) -> ModelInfo | None:
-        """Ask the logo service; returns the brand model to use, or None for the global model."""
+    async def _with_logo_stage(self, image: bytes, response: pb.RecognizeResponse,
+                               deadline: float | None) -> tuple[ModelInfo, Prediction]:
+        """The global model and the logo stage as the policy says; then the route the logo evidence picks."""
+        global_model = self.catalog.global_model
+        if self.settings.logo_policy == ALWAYS:  # both at once: the slower of the two, not their sum
+            logo = asyncio.create_task(self._logo_stage(image, response, deadline))
+            try:
+                prediction = await self._predict_global(image, response, deadline)
+            except BaseException:
+                logo.cancel()
+                raise
+            slug = await logo
+        else:
+            prediction = await self._predict_global(image, response, deadline)
+            _, make_confidence = choose_answer(prediction)
+            if make_confidence >= self.settings.uncertain_below:
+                response.route = pb.ROUTE_GLOBAL_MODEL
+                response.route_detail = (f"logo stage skipped: the global model is sure of the make "
+                                         f"({make_confidence:.3f} >= {self.settings.uncertain_below:.3f}) "
+                                         "-> global model")
+                return global_model, prediction
+            slug = await self._logo_stage(image, response, deadline)
+        if slug is None:
+            return global_model, prediction
+        brand_model = self.catalog.for_brand(slug)
+        if brand_model is not None:
+            if not brand_model.available:
+                self._fall_back(response, pb.FALLBACK_REASON_BRAND_MODEL_NOT_FOUND,
+                                f"brand model {brand_model.name!r} is not served "
+                                f"({brand_model.error or 'not discovered yet'})")
+                return global_model, prediction
+            brand_prediction = await self._predict(brand_model, image, response, deadline)
+            if brand_prediction is not None:
+                return brand_model, brand_prediction
+            return global_model, prediction  # the brand model failed: the global answer, and why
+        makes = set(self.catalog.plugins[slug].makes)
+        restricted = restrict(prediction, makes)
+        if restricted is None:
+            self._fall_back(response, pb.FALLBACK_REASON_BRAND_WITHOUT_MODEL,
+                            f"logo matched {slug} but the global model knows no class of {sorted(makes)}")
+            return global_model, prediction
+        response.route = pb.ROUTE_LOGO_RESTRICTED
+        response.route_detail = (f"logo matched {slug} ({response.logo.inliers} inliers), no model of its own "
+                                 f"-> global model restricted to {', '.join(sorted(makes))}")
+        return global_model, restricted
+
+    async def _predict_global(self, image: bytes, response: pb.RecognizeResponse,
+                              deadline: float | None) -> Prediction:
+        prediction = await self._predict(self.catalog.global_model, image, response, deadline)
+        assert prediction is not None  # only a brand model's failure answers None
+        return prediction
+
+    async def _logo_stage(self, image: bytes, response: pb.RecognizeResponse, deadline: float | None) -> str | None:
+        """Ask the logo service; returns the slug of the plugin whose logo passed the gate, else None
+        (and says why in the response)."""
         if not self.logo_breaker.allow():
             self._fall_back(response, pb.FALLBACK_REASON_LOGO_SERVICE_CIRCUIT_OPEN,
                             f"logo stage skipped: the logo service failed {self.logo_breaker.failures} calls in a "
@@ -164,14 +209,15 @@ class Recognizer:
             response.route_detail = f"no logo passed the gate (>= {match.min_inliers} inliers){best} -> global model"
             return None
         brand = match.best.brand
-        model = self.catalog.for_brand(brand)
-        if model is None:
+        if brand not in self.catalog.plugins:
             self._fall_back(response, pb.FALLBACK_REASON_BRAND_WITHOUT_MODEL,
-                            f"logo matched {brand} ({match.best.inliers} inliers) but no model plugin serves it")
+                            f"logo matched {brand} ({match.best.inliers} inliers) but no plugin of the router has it")
             return None
+        model = self.catalog.for_brand(brand)
         response.route = pb.ROUTE_BRAND_MODEL
-        response.route_detail = f"logo matched {brand} ({match.best.inliers} inliers) -> brand model {model.name}"
-        return model
+        response.route_detail = (f"logo matched {brand} ({match.best.inliers} inliers) -> brand model {model.name}"
+                                 if model is not None else f"logo matched {brand} ({match.best.inliers} inliers)")
+        return brand
 
     async def _predict(self, model: ModelInfo, image: bytes, response: pb.RecognizeResponse,
                        deadline: float | None) -> Prediction | None:
@@ -227,6 +273,16 @@ class Recognizer:
         response.make_confidence = make_probability
         response.model_name, response.model_version = model.name, prediction.version
         response.signature_name = prediction.signature
+
+
+def restrict(prediction: Prediction, makes: set[str]) -> Prediction | None:
+    """The prediction restricted to the classes of `makes`, renormalised (what a brand signature of the
+    model computes, done from the labels); None when the model knows no class of these makes."""
+    keep = np.array([label.make in makes for label in prediction.labels])
+    kept = float(prediction.probabilities[keep].sum()) if keep.any() else 0.0
+    if kept <= 0.0:
+        return None
+    return replace(prediction, probabilities=np.where(keep, prediction.probabilities, 0.0) / kept)
 
 
 def choose_answer(prediction: Prediction) -> tuple[int, float]:

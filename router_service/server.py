@@ -132,7 +132,10 @@ async def serve(settings: RouterSettings) -> None:
     recognizer = Recognizer(catalog, logo_stub, RoutingSettings(
         logo_timeout_s=settings.logo_timeout_s, predict_timeout_s=settings.predict_timeout_s,
         max_image_bytes=int(settings.max_image_mb * 1024 * 1024), max_image_pixels=settings.max_image_pixels,
-        breaker_failures=settings.breaker_failures, breaker_reset_s=settings.breaker_reset_s))
+        breaker_failures=settings.breaker_failures, breaker_reset_s=settings.breaker_reset_s,
+        logo_policy=settings.logo_policy, uncertain_below=settings.uncertain_below))
+    log_event(logger, "logo policy", policy=settings.logo_policy, uncertain_below=settings.uncertain_below,
+              source=settings.uncertain_source)
 
     server = GrpcServer("router", settings.server, [SERVICE_NAME])
     pb_grpc.add_RecognitionServiceServicer_to_server(

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,15 @@ from common.server import ServerSettings, add_server_arguments, env
 # accurate than the ResNet50s trained from scratch (README, "Models"). The
 # ResNet50s stay served and can be forced by name for comparison.
 DEFAULT_GLOBAL_MODEL = "efficientnet_lite0"
+# When the logo stage runs (README, "Logo policy"); the threshold of `uncertain` is calibrated
+# on val by training/logo_policy.py into logo_policy.json.
+ALWAYS, UNCERTAIN = "always", "uncertain"
+LOGO_POLICIES = {
+    ALWAYS: "every photo goes through the logo stage, concurrently with the global model",
+    UNCERTAIN: "the logo stage runs only when the global model's make confidence is below a threshold",
+}
+DEFAULT_LOGO_POLICY = UNCERTAIN
+DEFAULT_LOGO_POLICY_FILE = Path(__file__).resolve().parent / "logo_policy.json"
 DEFAULT_EXTRA_MODELS = "global,audi,bmw,chevrolet"
 
 
@@ -34,6 +44,9 @@ class RouterSettings:
     max_image_pixels: int
     breaker_failures: int
     breaker_reset_s: float
+    logo_policy: str
+    uncertain_below: float
+    uncertain_source: str  # where uncertain_below came from, for the start-up log
     health_interval_s: float
     batch_limit: int
     log_level: str
@@ -69,11 +82,29 @@ def parse_settings(argv: list[str] | None = None) -> RouterSettings:
                         default=float(env("ROUTER_LOGO_BREAKER_RESET_MS", "5000")),
                         help="how long an open breaker skips the logo stage before one probe call "
                              "($ROUTER_LOGO_BREAKER_RESET_MS)")
+    parser.add_argument("--logo-policy", choices=sorted(LOGO_POLICIES), default=env("ROUTER_LOGO_POLICY", DEFAULT_LOGO_POLICY),
+                        help="when the logo stage runs: " + "; ".join(f"{k}: {v}" for k, v in LOGO_POLICIES.items())
+                             + " ($ROUTER_LOGO_POLICY)")
+    parser.add_argument("--logo-uncertain-below", type=float, default=env("ROUTER_LOGO_UNCERTAIN_BELOW"),
+                        help="uncertain policy: run the logo stage below this make confidence; default: the "
+                             "calibrated one in --logo-policy-file ($ROUTER_LOGO_UNCERTAIN_BELOW)")
+    parser.add_argument("--logo-policy-file", type=Path,
+                        default=Path(env("ROUTER_LOGO_POLICY_FILE", str(DEFAULT_LOGO_POLICY_FILE))),
+                        help="logo_policy.json with the calibrated threshold ($ROUTER_LOGO_POLICY_FILE)")
     parser.add_argument("--health-interval-s", type=float, default=float(env("ROUTER_HEALTH_INTERVAL_S", "5")),
                         help="how often downstream health is re-checked ($ROUTER_HEALTH_INTERVAL_S)")
     parser.add_argument("--batch-limit", type=int, default=int(env("ROUTER_BATCH_LIMIT", "64")),
                         help="most images in one RecognizeBatch call ($ROUTER_BATCH_LIMIT)")
     args = parser.parse_args(argv)
+    if args.logo_uncertain_below is not None:
+        uncertain_below, uncertain_source = float(args.logo_uncertain_below), "ROUTER_LOGO_UNCERTAIN_BELOW"
+    else:
+        try:
+            uncertain_below = float(json.loads(args.logo_policy_file.read_text())["uncertain_below"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            parser.error(f"{args.logo_policy_file}: no calibrated threshold ({exc}); run "
+                         "`python -m training.logo_policy` or set ROUTER_LOGO_UNCERTAIN_BELOW")
+        uncertain_source = str(args.logo_policy_file)
     if not args.model_server:
         parser.error("the model server address is required: --model-server or MODEL_SERVER_ADDRESS")
     return RouterSettings(
@@ -90,6 +121,9 @@ def parse_settings(argv: list[str] | None = None) -> RouterSettings:
         max_image_pixels=args.max_image_pixels,
         breaker_failures=args.logo_breaker_failures,
         breaker_reset_s=args.logo_breaker_reset_ms / 1000,
+        logo_policy=args.logo_policy,
+        uncertain_below=uncertain_below,
+        uncertain_source=uncertain_source,
         health_interval_s=args.health_interval_s,
         batch_limit=args.batch_limit,
         log_level=args.log_level,

@@ -3,7 +3,8 @@
     python -m scripts.chaos [--clients 4] [--phase-s 10] [--out reports/chaos.json]
 
 Starts the three services the way `make run` does (scripts/supervisor.py
-restarts one that dies), keeps `--clients` callers sending photos to the
+restarts one that dies; the router with the `always` logo policy, so every
+call depends on the logo service), keeps `--clients` callers sending photos to the
 router and one caller asking its health every 100 ms, and goes through the
 phases below, each `--phase-s` long:
 
@@ -173,7 +174,8 @@ def run(clients: int, phase_s: float, log_dir: Path) -> dict:
     try:
         models = supervisor.add(lambda p: start_model_server(log_dir, p), free_port())
         logo = supervisor.add(lambda p: start_logo_service(log_dir, p), free_port())
-        router = supervisor.add(lambda p: start_router(models.address, logo.address, log_dir, p), free_port())
+        router = supervisor.add(lambda p: start_router(models.address, logo.address, log_dir, p,
+                                                       env={"ROUTER_LOGO_POLICY": "always"}), free_port())
         for service in supervisor.services:
             service.wait_healthy()
         memory["before"] = {s.name: rss_mb(s) for s in supervisor.services}

@@ -35,9 +35,14 @@ def logo_service(stack_logs):
     service.stop()
 
 
+# The session's router sends every photo through the logo stage, so the logo routes can be tested
+# on any photo; the default policy (uncertain) has its own tests (tests/test_logo_policy.py).
+LOGO_ALWAYS = {"ROUTER_LOGO_POLICY": "always"}
+
+
 @pytest.fixture(scope="session")
 def router(stack_logs, model_server, logo_service):
-    service = start_router(model_server.address, logo_service.address, stack_logs)
+    service = start_router(model_server.address, logo_service.address, stack_logs, env=LOGO_ALWAYS)
     service.wait_healthy()
     yield service
     service.stop()
@@ -48,8 +53,9 @@ def make_router(model_server, stack_logs):
     """Start extra routers against the session's model server; they are killed after the test."""
     started = []
 
-    def make(logo_address: str, **kwargs):
-        router = start_router(model_server.address, logo_address, stack_logs, **kwargs)
+    def make(logo_address: str, env: dict[str, str] | None = None, **kwargs):
+        router = start_router(model_server.address, logo_address, stack_logs, env={**LOGO_ALWAYS, **(env or {})},
+                              **kwargs)
         started.append(router)
         return router
 

@@ -21,6 +21,7 @@ from router_service.settings import DEFAULT_GLOBAL_MODEL as GLOBAL
 from scripts.stack import ROOT, start_logo_service, start_model_server, start_router
 from scripts.supervisor import Supervisor
 from tests import images
+from tests.conftest import LOGO_ALWAYS
 from tests.certs import make_certificates
 from tests.test_stack import recognize
 
@@ -85,13 +86,17 @@ def test_missing_brand_model_falls_back_to_global(make_router, logo_service, log
     assert reply.model_name == GLOBAL and "not-served" in reply.route_detail
 
 
-def test_logo_of_a_brand_without_a_model_falls_back_to_global(make_router, logo_service, logo_hit, tmp_path):
+def test_logo_of_a_make_without_a_model_restricts_the_global_model_to_it(make_router, logo_service, logo_hit,
+                                                                          plugins, tmp_path):
     photo, brand = logo_hit
     reply = recognize_with_edited_plugin(make_router, logo_service, photo, brand, tmp_path,
                                          lambda spec: spec.pop("model"))  # a logo-only plugin
-    assert reply.route == pb.ROUTE_FALLBACK_GLOBAL and reply.logo_matched and reply.logo.brand == brand
-    assert reply.fallback_reason == pb.FALLBACK_REASON_BRAND_WITHOUT_MODEL
-    assert reply.model_name == GLOBAL and "no model plugin" in reply.route_detail
+    assert reply.route == pb.ROUTE_LOGO_RESTRICTED and reply.logo_matched and reply.logo.brand == brand
+    assert reply.model_name == GLOBAL and "restricted to" in reply.route_detail
+    makes = set(plugins[brand].makes)
+    assert reply.make in makes and all(p.make in makes for p in reply.top_k)  # only the matched make's classes
+    assert reply.make_confidence == pytest.approx(1.0, abs=1e-5)
+    assert sum(p.confidence for p in reply.top_k) <= 1.0001
 
 
 def test_broken_plugin_fails_at_start_naming_the_file(model_server, tmp_path):
@@ -224,7 +229,8 @@ def test_make_run_restarts_a_dead_service_while_the_others_keep_serving(model_se
     folder = stack_logs / "supervised"
     try:
         logo = supervisor.add(lambda port: start_logo_service(folder, port))
-        router = supervisor.add(lambda port: start_router(model_server.address, logo.address, folder, port))
+        router = supervisor.add(lambda port: start_router(model_server.address, logo.address, folder, port,
+                                                          env=LOGO_ALWAYS))
         for service in supervisor.services:
             service.wait_healthy()
         photo = logo_hit[0].path.read_bytes()

@@ -24,6 +24,7 @@ from router_service.tf_serving import TfServingClient
 from scripts.stack import ROOT, start_logo_service, start_model_server, start_router
 from tests import images
 from tests.certs import make_certificates
+from tests.conftest import LOGO_ALWAYS
 from tests.test_faults import stub_for
 from tests.test_stack import recognize
 
@@ -189,7 +190,8 @@ def test_the_whole_chain_runs_on_mtls_and_binds_loopback(tmp_path, logo_hit):
     router = None
     try:
         router = start_router(models.address, logo.address, tmp_path,
-                              env={**server_tls("ROUTER"), **client_tls("MODEL_SERVER"), **client_tls("LOGO_SERVICE")})
+                              env={**server_tls("ROUTER"), **client_tls("MODEL_SERVER"), **client_tls("LOGO_SERVICE"),
+                                   **LOGO_ALWAYS})
         for service in (models, logo, router):
             service.wait_healthy(credentials=credentials)
         channel, stub = stub_for(router, credentials)

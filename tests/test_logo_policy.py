@@ -1,0 +1,73 @@
+"""When the logo stage runs (ROUTER_LOGO_POLICY): `always`, concurrently with the global model, or
+`uncertain`, only below the make confidence calibrated on val (router_service/logo_policy.json)."""
+from __future__ import annotations
+
+import json
+import signal
+import time
+
+import pytest
+
+from carrecog.v1 import recognition_service_pb2 as pb
+from router_service.settings import DEFAULT_LOGO_POLICY_FILE
+from scripts.stack import start_logo_service
+from tests.test_faults import stub_for
+from tests.test_stack import recognize
+
+pytestmark = pytest.mark.integration
+CALIBRATED = json.loads(DEFAULT_LOGO_POLICY_FILE.read_text())["uncertain_below"]
+
+
+def test_always_runs_the_logo_stage_beside_the_model_and_never_waits_past_its_timeout(make_router, stack_logs,
+                                                                                       no_logo_photo):
+    logo = start_logo_service(stack_logs / "stopped-logo")
+    try:
+        logo.wait_healthy()
+        router = make_router(logo.address, env={"ROUTER_LOGO_POLICY": "always", "ROUTER_LOGO_TIMEOUT_MS": "800",
+                                                "ROUTER_LOGO_BREAKER_FAILURES": "100"})
+        router.wait_healthy()
+        channel, stub = stub_for(router)
+        with channel:
+            assert recognize(stub, no_logo_photo.path.read_bytes()).logo_consulted  # connected, warm
+            logo.process.send_signal(signal.SIGSTOP)  # hung: the connection stays, no answer comes
+            started = time.monotonic()
+            reply = recognize(stub, no_logo_photo.path.read_bytes())
+            elapsed = time.monotonic() - started
+    finally:
+        logo.process.send_signal(signal.SIGCONT)
+        logo.stop(signal.SIGKILL)
+    assert reply.route == pb.ROUTE_FALLBACK_GLOBAL and reply.label
+    assert reply.fallback_reason == pb.FALLBACK_REASON_LOGO_SERVICE_TIMEOUT
+    ms = {t.stage: t.ms for t in reply.timings}
+    predict = next(v for k, v in ms.items() if k.startswith("predict:"))
+    assert ms["logo"] >= 790 and elapsed < 0.8 + 1.0
+    assert ms["total"] < ms["logo"] + 0.5 * predict  # concurrent: not the sum of the two stages
+
+
+def test_uncertain_skips_the_logo_stage_when_the_model_is_sure_and_says_why(make_router, logo_service, logo_hit):
+    router = make_router(logo_service.address, env={"ROUTER_LOGO_POLICY": "uncertain"})  # calibrated threshold
+    router.wait_healthy()
+    assert f'"uncertain_below": {CALIBRATED}' in router.log_path.read_text()  # the calibration file, applied
+    photo = logo_hit[0].path.read_bytes()
+    channel, stub = stub_for(router)
+    with channel:
+        reply = recognize(stub, photo)
+    if reply.make_confidence >= CALIBRATED:
+        assert not reply.logo_consulted and reply.route == pb.ROUTE_GLOBAL_MODEL
+        assert "logo stage skipped: the global model is sure of the make" in reply.route_detail
+        assert "logo" not in {t.stage for t in reply.timings}
+    else:
+        assert reply.logo_consulted
+
+
+@pytest.mark.parametrize("threshold, consulted", [("0", False), ("1.01", True)])
+def test_uncertain_threshold_decides_whether_the_logo_is_asked(make_router, logo_service, logo_hit, threshold,
+                                                               consulted):
+    router = make_router(logo_service.address, env={"ROUTER_LOGO_POLICY": "uncertain",
+                                                    "ROUTER_LOGO_UNCERTAIN_BELOW": threshold})
+    router.wait_healthy()
+    channel, stub = stub_for(router)
+    with channel:
+        reply = recognize(stub, logo_hit[0].path.read_bytes())
+    assert reply.logo_consulted == consulted
+    assert reply.route == (pb.ROUTE_BRAND_MODEL if consulted else pb.ROUTE_GLOBAL_MODEL), reply.route_detail
