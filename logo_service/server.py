@@ -21,6 +21,7 @@ import numpy as np
 
 from carrecog.v1 import logo_service_pb2 as pb
 from carrecog.v1 import logo_service_pb2_grpc as pb_grpc
+from common.errors import InvalidArgument, Unavailable
 from common.images import DEFAULT_MAX_BYTES, InvalidImage, validate_image
 from common.logs import log_event
 from common.server import GrpcServer, ServerSettings, add_server_arguments, env
@@ -116,30 +117,28 @@ class LogoServicer(pb_grpc.LogoServiceServicer):
         self.matcher: LogoMatcher | None = None  # set once the gallery is loaded
 
     async def MatchLogo(self, request: pb.MatchLogoRequest, context: grpc.aio.ServicerContext) -> pb.MatchLogoResponse:
-        if self.matcher is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the logo gallery is still loading; retry shortly")
+        matcher = self._ready_matcher()
         if request.max_candidates < 0:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "max_candidates must be >= 0 (0 means 5)")
+            raise InvalidArgument("max_candidates must be >= 0 (0 means 5)")
         try:
             validate_image(request.image, self.settings.max_image_bytes)
-        except InvalidImage as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        loop = asyncio.get_running_loop()
-        try:
             # SIFT takes tens of ms of CPU: off the event loop, onto the pool.
-            result = await loop.run_in_executor(self.executor, self.matcher.match, request.image)
-        except UndecodableImage as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            result = await asyncio.get_running_loop().run_in_executor(self.executor, matcher.match, request.image)
+        except (InvalidImage, UndecodableImage) as exc:
+            raise InvalidArgument(str(exc)) from None
         return response_from(result, self.settings.min_inliers, request.max_candidates or DEFAULT_CANDIDATES)
 
     async def ListBrands(self, request: pb.ListBrandsRequest,
                          context: grpc.aio.ServicerContext) -> pb.ListBrandsResponse:
-        if self.matcher is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the logo gallery is still loading; retry shortly")
-        g = self.matcher.gallery
+        g = self._ready_matcher().gallery
         brands = [pb.Brand(slug=str(s), name=str(n), exemplars=e, descriptors=d)
                   for s, n, (e, d) in zip(g.brand_slugs, g.brand_names, g.brand_counts())]
         return pb.ListBrandsResponse(brands=brands, min_inliers=self.settings.min_inliers)
+
+    def _ready_matcher(self) -> LogoMatcher:
+        if self.matcher is None:
+            raise Unavailable("the logo gallery is still loading; retry shortly")
+        return self.matcher
 
 
 def load_matcher(settings: LogoSettings) -> LogoMatcher:
