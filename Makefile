@@ -7,7 +7,7 @@ STUBS := carrecog/v1/recognition_service_pb2.py
 PROTOS := $(wildcard protos/carrecog/v1/*.proto)
 IMAGES ?=
 
-.PHONY: venv train-venv protos gallery run test test-slow test-chaos lint-protos evaluate train-lite train-resnet clean clients client-deps dev-venv run-mesh prometheus load
+.PHONY: venv train-venv protos gallery run test test-slow test-chaos bench lint-protos evaluate train-lite train-resnet clean clients client-deps dev-venv run-mesh prometheus load
 
 venv: $(STAMP)
 $(STAMP): requirements.txt
@@ -48,6 +48,11 @@ run-mesh: protos gallery $(DEV_STAMP)
 # Suites marked slow (the chaos suite among them); `make test` skips them.
 test-slow: protos gallery clients $(DEV_STAMP)
 	$(PY) -m pytest -q -m slow
+
+# What the logo stage costs (about 4 min): the SavedModel alone, the router with skip_logo and with
+# each logo policy, at 1 and 8 clients, with the ratios; writes reports/bench.json. BENCH_ARGS="--requests 120"
+bench: protos gallery
+	$(PY) -m scripts.bench $(BENCH_ARGS)
 
 # Faults under load on loopback (about 3 min): kill, hang and restart each service while callers
 # keep calling; prints the table and writes reports/chaos.json. CHAOS_ARGS="--clients 4 --phase-s 10"
