@@ -15,6 +15,7 @@ from common.logs import log_event
 from common.plugins import load_plugins
 from common.server import GrpcServer
 from router_service.catalog import ModelCatalog
+from router_service.model_cards import ModelCards, standing
 from router_service.routing import MAX_IMAGE_ID_CHARS, RecognitionError, Recognizer, RoutingSettings
 from router_service.settings import RouterSettings
 from router_service.tf_serving import TfServingClient
@@ -32,10 +33,11 @@ def _error_result(image_id: str, error: RecognitionError) -> pb.RecognizeResult:
 
 
 class RecognitionServicer(pb_grpc.RecognitionServiceServicer):
-    def __init__(self, recognizer: Recognizer, catalog: ModelCatalog, batch_limit: int) -> None:
+    def __init__(self, recognizer: Recognizer, catalog: ModelCatalog, batch_limit: int, cards: ModelCards) -> None:
         self.recognizer = recognizer
         self.catalog = catalog
         self.batch_limit = batch_limit
+        self.cards = cards
 
     async def Recognize(self, request: pb.RecognizeRequest, context: grpc.aio.ServicerContext) -> pb.RecognizeResponse:
         return await self.recognizer.recognize(request, context.time_remaining())  # errors: common.interceptors
@@ -71,15 +73,23 @@ class RecognitionServicer(pb_grpc.RecognitionServiceServicer):
 
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
         response = pb.ListModelsResponse(global_model=self.catalog.global_name)
+        default = self.catalog.global_model
+        default_card = self.cards.summary(default.name, default.version, default.signature)
         for model in self.catalog.models.values():
             meta = model.meta  # one snapshot per model
             labels = meta.labels if meta else ()
-            response.models.add(
+            card = self.cards.summary(model.name, model.version, model.signature)
+            placeholder, note = standing(card, default_card, model is default)
+            listed = response.models.add(
                 name=model.name, version=meta.version if meta else 0, signature_name=model.signature,
                 input_key=meta.input_key if meta else "", probabilities_key=meta.probabilities_key if meta else "",
                 labels_key=meta.labels_key if meta else "", labels=[label.text for label in labels],
                 brand=self.catalog.brand_of(model), available=model.available,
-                makes=sorted({label.make for label in labels if label.make}))
+                makes=sorted({label.make for label in labels if label.make}),
+                architecture=card.architecture, input_size=card.input_size, placeholder=placeholder, note=note)
+            if card.top1 is not None:
+                listed.test_scores.CopyFrom(pb.ModelScores(photos=card.photos, top1=card.top1,
+                                                           make_top1=card.make_top1 or 0.0, ece=card.ece or 0.0))
         for plugin in self.catalog.plugins.values():
             response.brands.add(slug=plugin.slug, name=plugin.name,
                                 model_name=plugin.model.name if plugin.model else "",
@@ -139,7 +149,8 @@ async def serve(settings: RouterSettings) -> None:
 
     server = GrpcServer("router", settings.server, [SERVICE_NAME])
     pb_grpc.add_RecognitionServiceServicer_to_server(
-        RecognitionServicer(recognizer, catalog, settings.batch_limit), server.server)
+        RecognitionServicer(recognizer, catalog, settings.batch_limit, ModelCards(settings.model_cards_dir)),
+        server.server)
     await server.start()
     watcher = asyncio.create_task(watch_downstreams(server, catalog, settings.health_interval_s))
     try:

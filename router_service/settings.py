@@ -26,6 +26,7 @@ LOGO_POLICIES = {
 }
 DEFAULT_LOGO_POLICY = UNCERTAIN
 DEFAULT_LOGO_POLICY_FILE = Path(__file__).resolve().parent / "logo_policy.json"
+DEFAULT_MODEL_CARDS_DIR = Path(__file__).resolve().parent.parent / "serving_models"
 DEFAULT_EXTRA_MODELS = "global,audi,bmw,chevrolet"
 
 
@@ -47,6 +48,7 @@ class RouterSettings:
     logo_policy: str
     uncertain_below: float
     uncertain_source: str  # where uncertain_below came from, for the start-up log
+    model_cards_dir: Path | None
     health_interval_s: float
     batch_limit: int
     log_level: str
@@ -91,6 +93,9 @@ def parse_settings(argv: list[str] | None = None) -> RouterSettings:
     parser.add_argument("--logo-policy-file", type=Path,
                         default=Path(env("ROUTER_LOGO_POLICY_FILE", str(DEFAULT_LOGO_POLICY_FILE))),
                         help="logo_policy.json with the calibrated threshold ($ROUTER_LOGO_POLICY_FILE)")
+    parser.add_argument("--model-cards-dir", default=env("ROUTER_MODEL_CARDS_DIR", str(DEFAULT_MODEL_CARDS_DIR)),
+                        help="TF Serving's model base folder, read for <model>/<version>/model_card.json (what "
+                             "ListModels says about each model); empty = none ($ROUTER_MODEL_CARDS_DIR)")
     parser.add_argument("--health-interval-s", type=float, default=float(env("ROUTER_HEALTH_INTERVAL_S", "5")),
                         help="how often downstream health is re-checked ($ROUTER_HEALTH_INTERVAL_S)")
     parser.add_argument("--batch-limit", type=int, default=int(env("ROUTER_BATCH_LIMIT", "64")),
@@ -124,6 +129,7 @@ def parse_settings(argv: list[str] | None = None) -> RouterSettings:
         logo_policy=args.logo_policy,
         uncertain_below=uncertain_below,
         uncertain_source=uncertain_source,
+        model_cards_dir=Path(args.model_cards_dir) if args.model_cards_dir else None,
         health_interval_s=args.health_interval_s,
         batch_limit=args.batch_limit,
         log_level=args.log_level,

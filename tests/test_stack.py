@@ -80,6 +80,22 @@ def test_list_models_reads_labels_from_the_models(recognition, plugins):
         assert models[(name, "serving_default")].available
 
 
+def test_list_models_tells_a_classifier_from_a_placeholder(recognition):
+    """What each model is and how it scored on the test photos, from its model card (make evaluate)."""
+    reply = recognition.ListModels(pb.ListModelsRequest(), timeout=10)
+    models = {(m.name, m.signature_name): m for m in reply.models}
+    default = models[(GLOBAL, "serving_default")]
+    assert "EfficientNet-Lite0" in default.architecture and default.input_size == 256
+    assert default.test_scores.photos == 964 and default.test_scores.top1 > 0.8 and default.test_scores.make_top1 > 0.9
+    assert 0 < default.test_scores.ece < 0.1 and not default.placeholder and default.note == "the default global model"
+    for name in ("global", "audi", "bmw", "chevrolet"):  # ResNet50s from random init, far below the default
+        resnet = models[(name, "serving_default")]
+        assert "ResNet50" in resnet.architecture and resnet.input_size == 64
+        assert resnet.placeholder and "placeholder" in resnet.note and "force_model" in resnet.note
+    for brand in ("audi", "bmw", "ford"):  # brand signatures of the default are classifiers
+        assert not models[(GLOBAL, brand)].placeholder and models[(GLOBAL, brand)].test_scores.photos > 0
+
+
 BAD_INPUTS = {
     "empty": (lambda: b"", "empty"),
     "not an image": (lambda: b"%PDF-1.4 definitely not a photo", "not a JPEG or PNG"),

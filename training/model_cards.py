@@ -1,0 +1,53 @@
+"""Write what `make evaluate` measured into the model card of each served version.
+
+    python -m training.model_cards --report reports/test_split.json
+
+For every model and signature the report scored alone (its own makes' test
+photos, through the router with force_model), the served version's
+`model_card.json` gains `evaluation.signatures.<signature>`: photos, top-1,
+make top-1 and ECE, with the command and date. The router's ListModels reads
+them (router_service/model_cards.py), so a client sees how good each model is.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+SERVING_MODELS = Path(__file__).resolve().parent.parent / "serving_models"
+
+
+def served_version(models_dir: Path, name: str) -> Path:
+    """The version TF Serving's default policy serves: the highest numeric folder."""
+    return max((p for p in (models_dir / name).iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m training.model_cards", description=__doc__.split("\n")[0])
+    parser.add_argument("--report", type=Path, required=True, help="the JSON report of make evaluate")
+    parser.add_argument("--models-dir", type=Path, default=SERVING_MODELS)
+    args = parser.parse_args(argv)
+    report = json.loads(args.report.read_text())
+    cards: dict[Path, dict] = {}
+    indents: dict[Path, int] = {}
+    for key, scores in report["models"].items():
+        name, _, signature = key.partition(":")
+        path = served_version(args.models_dir, name) / "model_card.json"
+        if path not in cards:
+            text = path.read_text()
+            cards[path] = json.loads(text)
+            indents[path] = len(text.splitlines()[1]) - len(text.splitlines()[1].lstrip())  # keep the file's style
+        card = cards[path]
+        evaluation = card.setdefault("evaluation", {})
+        evaluation.update({"split": "test", "command": f"make evaluate OUT={args.report}",
+                           "date": time.strftime("%Y-%m-%d", time.gmtime())})
+        evaluation.setdefault("signatures", {})[signature or "serving_default"] = {
+            "photos": scores["n"], "top1": scores["top1"], "make_top1": scores["make_top1"], "ece": scores["ece"]}
+    for path, card in cards.items():
+        path.write_text(json.dumps(card, indent=indents[path] or 1) + "\n")
+        print(f"{path}: {sorted(card['evaluation']['signatures'])}")
+
+
+if __name__ == "__main__":
+    main()
