@@ -7,6 +7,7 @@ from pathlib import Path
 
 import grpc
 
+from common import tracing
 from common.logs import REQUEST_ID, REQUEST_ID_HEADER
 from common.server import channel_options, env
 
@@ -62,16 +63,18 @@ def tls_credentials(ca_file: str, cert_file: str | None = None, key_file: str | 
 
 
 def downstream_channel(settings: DownstreamSettings, max_message_bytes: int) -> grpc.aio.Channel:
-    """An aio channel to a downstream: TLS when a CA is set, mTLS with a client cert and key too."""
+    """An aio channel to a downstream: TLS when a CA is set, mTLS with a client cert and key too;
+    traced (the caller's trace context sent along) when tracing is on (common.tracing)."""
     options = channel_options(max_message_bytes) + RECONNECT_OPTIONS
+    interceptors = tracing.client_interceptors(tracing.current())
     if not settings.tls_ca:
         if settings.tls_client_cert or settings.tls_client_key:
             raise ValueError(f"{settings.address}: a client certificate (mTLS) needs the server's CA too")
-        return grpc.aio.insecure_channel(settings.address, options=options)
+        return grpc.aio.insecure_channel(settings.address, options=options, interceptors=interceptors)
     credentials = tls_credentials(settings.tls_ca, settings.tls_client_cert, settings.tls_client_key)
     if settings.tls_server_name:
         options.append(("grpc.ssl_target_name_override", settings.tls_server_name))
-    return grpc.aio.secure_channel(settings.address, credentials, options=options)
+    return grpc.aio.secure_channel(settings.address, credentials, options=options, interceptors=interceptors)
 
 
 def outgoing_metadata() -> tuple[tuple[str, str], ...]:

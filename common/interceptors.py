@@ -8,14 +8,16 @@
 - errors: a typed error (common.errors) becomes its status; anything else is
   INTERNAL with the request id, its traceback goes to the log, not the client;
 - one access-log line per call with the status the client saw (a cancelled
-  or expired call is logged as such, not as UNKNOWN).
+  or expired call is logged as such, not as UNKNOWN);
+- an optional observer (common.metrics.RpcMetrics) told of each call's start,
+  its answers and that same final status, refused calls included.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Protocol
 
 import grpc
 
@@ -30,6 +32,16 @@ UNLIMITED_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 QUIET_CODES = {"OK", "INVALID_ARGUMENT", "NOT_FOUND", "CANCELLED", "DEADLINE_EXCEEDED"}
 
 
+class RpcObserver(Protocol):
+    """Told about every call ServiceInterceptor wraps (common.metrics.RpcMetrics)."""
+
+    def started(self, method: str, grpc_type: str) -> None: ...
+
+    def response(self, method: str, message: Any) -> None: ...
+
+    def handled(self, method: str, grpc_type: str, code: str, seconds: float) -> None: ...
+
+
 def _request_id_from(metadata: Any) -> str:
     for key, value in metadata or ():
         if key == REQUEST_ID_HEADER and value:
@@ -40,9 +52,10 @@ def _request_id_from(metadata: Any) -> str:
 class ServiceInterceptor(grpc.aio.ServerInterceptor):
     """Request id, concurrency limit, error mapping and access log for every non-health RPC."""
 
-    def __init__(self, max_concurrent_rpcs: int) -> None:
+    def __init__(self, max_concurrent_rpcs: int, observer: RpcObserver | None = None) -> None:
         self.limit = max_concurrent_rpcs
         self.in_flight = 0
+        self.observer = observer
 
     async def intercept_service(
         self,
@@ -52,14 +65,16 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None or details.method.startswith(UNLIMITED_PREFIXES):
             return handler
-        call = _Call(self, details.method, _request_id_from(details.invocation_metadata))
+        request_id = _request_id_from(details.invocation_metadata)
         if handler.unary_unary:
+            call = _Call(self, details.method, request_id, "unary")
             return grpc.unary_unary_rpc_method_handler(
                 call.wrap_unary(handler.unary_unary),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.stream_stream:
+            call = _Call(self, details.method, request_id, "bidi_stream")
             return grpc.stream_stream_rpc_method_handler(
                 call.wrap_stream(handler.stream_stream),
                 request_deserializer=handler.request_deserializer,
@@ -71,20 +86,24 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
 class _Call:
     """One RPC's bookkeeping: admitted or refused, its outcome, its log line."""
 
-    def __init__(self, owner: ServiceInterceptor, method: str, request_id: str) -> None:
+    def __init__(self, owner: ServiceInterceptor, method: str, request_id: str, grpc_type: str) -> None:
         self.owner = owner
+        self.observer = owner.observer
         self.method = method
         self.request_id = request_id
+        self.grpc_type = grpc_type
         self.started = 0.0
         self.code = "OK"
 
     async def _begin(self, context: grpc.aio.ServicerContext) -> None:
         REQUEST_ID.set(self.request_id)
         self.started = time.perf_counter()
+        if self.observer is not None:
+            self.observer.started(self.method, self.grpc_type)
         context.set_trailing_metadata(((REQUEST_ID_HEADER, self.request_id),))
         if self.owner.in_flight >= self.owner.limit:
             self.code = "RESOURCE_EXHAUSTED"
-            self._log()
+            self._finish()
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"the service is at its limit of {self.owner.limit} concurrent calls; "
                                 "retry with backoff")
@@ -113,18 +132,24 @@ class _Call:
             code = context.code()
             if isinstance(code, grpc.StatusCode):
                 self.code = code.name
-        self._log()
+        self._finish()
 
-    def _log(self) -> None:
+    def _finish(self) -> None:
+        """The call's outcome: one access-log line, and the observer told."""
+        seconds = time.perf_counter() - self.started
         level = logging.INFO if self.code in QUIET_CODES else logging.WARNING
-        log_event(logger, "rpc", level, method=self.method, code=self.code,
-                  ms=round((time.perf_counter() - self.started) * 1000, 2))
+        log_event(logger, "rpc", level, method=self.method, code=self.code, ms=round(seconds * 1000, 2))
+        if self.observer is not None:
+            self.observer.handled(self.method, self.grpc_type, self.code, seconds)
 
     def wrap_unary(self, behavior: Callable) -> Callable:
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
             await self._begin(context)
             try:
-                return await behavior(request, context)
+                response = await behavior(request, context)
+                if self.observer is not None:
+                    self.observer.response(self.method, response)
+                return response
             except BaseException as exc:
                 await self._fail(exc, context)
             finally:
@@ -137,6 +162,8 @@ class _Call:
             await self._begin(context)
             try:
                 async for response in behavior(request_iterator, context):
+                    if self.observer is not None:
+                        self.observer.response(self.method, response)
                     yield response
             except BaseException as exc:
                 await self._fail(exc, context)

@@ -6,6 +6,7 @@ import logging
 import sys
 from typing import Awaitable, Callable
 
+from common import tracing
 from common.logs import configure_logging, log_event
 
 
@@ -13,6 +14,7 @@ def run_service(name: str, main: Callable[[], Awaitable[None]], log_level: str =
     """Run `main` until it returns; a startup failure exits 1 with a clear log line."""
     configure_logging(name, log_level)
     try:
+        tracing.init(name)  # on when OTEL_EXPORTER_OTLP_ENDPOINT is set
         asyncio.run(main())
     except KeyboardInterrupt:
         pass

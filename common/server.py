@@ -4,8 +4,10 @@ It gives each service what a service mesh expects: grpc.health.v1 (NOT_SERVING
 until the service says it has warmed up), optional reflection, keepalive, an
 explicit max message size, a concurrency limit (excess calls get
 RESOURCE_EXHAUSTED; health checks are exempt), optional TLS / mTLS, the
-shared interceptor (request ids, error mapping, access log), a loopback bind
-unless told otherwise, and graceful shutdown on SIGTERM / SIGINT.
+shared interceptor (request ids, error mapping, access log), Prometheus
+metrics over HTTP (common.metrics, `<PREFIX>_METRICS_PORT`), OpenTelemetry
+traces when OTEL_EXPORTER_OTLP_ENDPOINT is set (common.tracing), a loopback
+bind unless told otherwise, and graceful shutdown on SIGTERM / SIGINT.
 
 Usage (inside an asyncio program):
 
@@ -32,6 +34,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from common import tracing
 from common.interceptors import ServiceInterceptor
 from common.logs import log_event
 
@@ -41,6 +44,8 @@ MIB = 1024 * 1024
 # Loopback unless told otherwise: on one host (make run, tests) nothing outside can reach a
 # service; containers and pods set <PREFIX>_HOST=0.0.0.0 and should set TLS too.
 DEFAULT_HOST = "127.0.0.1"
+# Prometheus /metrics ports by env prefix (README "Metrics"); other prefixes: off unless set.
+DEFAULT_METRICS_PORTS = {"ROUTER": 9450, "LOGO": 9451, "MODEL_SERVER": 9452}
 
 
 def env(name: str, default: str | None = None) -> str | None:
@@ -67,6 +72,9 @@ class ServerSettings:
     tls_key_file: str | None = None
     tls_client_ca_file: str | None = None  # set: clients must present a cert (mTLS)
     port_file: str | None = None  # where the bound port is written (tests use port 0)
+    # Prometheus /metrics over HTTP on `host`: None = off, 0 = any free port (written to
+    # `<port_file>.metrics` beside the gRPC port file).
+    metrics_port: int | None = None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "ServerSettings":
@@ -81,6 +89,7 @@ class ServerSettings:
             tls_key_file=args.tls_key,
             tls_client_ca_file=args.tls_client_ca,
             port_file=args.port_file,
+            metrics_port=args.metrics_port if args.metrics_port is not None and args.metrics_port >= 0 else None,
         )
 
 
@@ -105,7 +114,18 @@ def add_server_arguments(parser: argparse.ArgumentParser, prefix: str, default_p
                         help=f"CA PEM that client certificates must chain to: enables mTLS (${p}_TLS_CLIENT_CA)")
     parser.add_argument("--port-file", default=env(f"{p}_PORT_FILE"),
                         help="write the bound port to this file once listening")
+    parser.add_argument("--metrics-port", type=int, default=_metrics_port_default(p),
+                        help=f"Prometheus /metrics HTTP port on the same host, 0 = any free port (written to "
+                             f"<port-file>.metrics), negative or empty = off (${p}_METRICS_PORT)")
     parser.add_argument("--log-level", default=env(f"{p}_LOG_LEVEL", "INFO"))
+
+
+def _metrics_port_default(prefix: str) -> int:
+    """$<PREFIX>_METRICS_PORT; set but empty means off (-1), unset means the service's default."""
+    raw = os.environ.get(f"{prefix}_METRICS_PORT")
+    if raw is None:
+        return DEFAULT_METRICS_PORTS.get(prefix, -1)
+    return int(raw) if raw.strip() else -1
 
 
 def server_credentials(settings: ServerSettings) -> grpc.ServerCredentials | None:
@@ -149,11 +169,19 @@ class GrpcServer:
             ("grpc.so_reuseport", 0),  # a second server on a taken port fails instead of sharing it
         ]
         # The concurrency limit lives in the interceptor, not in grpc's maximum_concurrent_rpcs,
-        # which would count health checks too and refuse them under load.
+        # which would count health checks too and refuse them under load. Tracing comes first:
+        # its span (and the caller's trace context) covers everything that runs in the call.
+        observer = None
+        if settings.metrics_port is not None:
+            from common.metrics import RPC_METRICS  # prometheus-client only where metrics are served
+            observer = RPC_METRICS
         self.server = grpc.aio.server(
-            interceptors=[ServiceInterceptor(settings.max_concurrent_rpcs), *interceptors],
+            interceptors=[*tracing.server_interceptors(tracing.current()),
+                          ServiceInterceptor(settings.max_concurrent_rpcs, observer), *interceptors],
             options=options,
         )
+        self.metrics = None  # common.metrics.MetricsServer once started
+        self.metrics_port: int | None = None
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.port = 0
@@ -173,6 +201,13 @@ class GrpcServer:
             self.port = self.server.add_secure_port(address, credentials)
         await self.set_serving(False)
         await self.server.start()
+        if self.settings.metrics_port is not None:
+            from common.metrics import MetricsServer
+            self.metrics = MetricsServer(self.settings.host, self.settings.metrics_port)
+            self.metrics_port = self.metrics.port
+            if self.settings.port_file:  # before the port file: whoever waits for it finds both
+                self.metrics.write_port_file(self.settings.port_file + ".metrics")
+            log_event(logger, "metrics listening", port=self.metrics_port, path="/metrics")
         if self.settings.port_file:
             tmp = Path(self.settings.port_file + ".tmp")
             tmp.write_text(str(self.port))
@@ -206,4 +241,6 @@ class GrpcServer:
             await self.server.stop(self.settings.grace_seconds)
         for task in (stop_task, done_task):
             task.cancel()
+        if self.metrics is not None:
+            await loop.run_in_executor(None, self.metrics.close)
         log_event(logger, "stopped")

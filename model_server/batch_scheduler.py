@@ -16,6 +16,9 @@ batching_util/basic_batch_scheduler.h), with its parameters and defaults:
 - as in TF Serving, an error while running a batch (e.g. one undecodable image)
   fails every call in that batch.
 
+Each batch's size (rows before padding) goes to the histogram
+carrecog_model_server_batch_size{model} (common.metrics).
+
 Not implemented: padding of variable-length inputs (pad_variable_length_inputs).
 """
 from __future__ import annotations
@@ -31,6 +34,7 @@ from typing import Callable, Hashable, Mapping
 import tensorflow as tf
 from google.protobuf import message
 
+from common.metrics import observe_batch_size
 from model_server.errors import InvalidArgument, Unavailable
 
 Function = Callable[..., Mapping[str, tf.Tensor]]
@@ -51,6 +55,7 @@ class _Queue:
     rows: int = 0  # rows waiting in `tasks`
     runners: int = 0  # batches of this queue being formed or run
     ready: threading.Condition = field(default_factory=threading.Condition)
+    model: str = ""  # the metrics label
 
 
 def task_size(feeds: Mapping[str, tf.Tensor]) -> int:
@@ -90,7 +95,7 @@ class BatchScheduler:
         if size > self.max_batch_size:
             raise InvalidArgument(f"Task size {size} is larger than maximum input batch size {self.max_batch_size}")
         with self._lock:
-            queue = self._queues.setdefault(key, _Queue(function))
+            queue = self._queues.setdefault(key, _Queue(function, model=str(key[0] if isinstance(key, tuple) else key)))
         task = _Task(feeds, size)
         with queue.ready:
             if queue.rows + size > self.max_batch_size * self.max_enqueued_batches:
@@ -122,6 +127,7 @@ class BatchScheduler:
                     rows += task.size
                 queue.rows -= rows
             if batch:
+                observe_batch_size(queue.model, rows)
                 self._run(queue.function, batch, rows)
 
     def _padded(self, rows: int) -> int:

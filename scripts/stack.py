@@ -24,12 +24,13 @@ SERVING_MODELS = ROOT / "serving_models"
 
 @dataclass
 class ServiceProcess:
-    """One running service: its process, bound port and log file."""
+    """One running service: its process, bound port, log file and Prometheus /metrics port (None: off)."""
 
     name: str
     process: subprocess.Popen
     port: int
     log_path: Path
+    metrics_port: int | None = None
     address: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -69,16 +70,23 @@ class ServiceProcess:
 
 def start_service(name: str, module: str, args: list[str], env: dict[str, str] | None = None,
                   log_dir: Path | None = None, port: int = 0, wait_for_port: float = 180.0) -> ServiceProcess:
-    """Run `python -m module args --port PORT --port-file F`; returns once the port is bound."""
+    """Run `python -m module args --port PORT --port-file F`; returns once the port is bound.
+
+    Port 0 (tests) also takes any free metrics port; a fixed port (make run) keeps the
+    service's default metrics port ($<PREFIX>_METRICS_PORT). The service writes its metrics
+    port to F.metrics before F."""
     log_dir = Path(log_dir or tempfile.mkdtemp(prefix="carrecog-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     port_file = log_dir / f"{name}.port"
+    metrics_file = Path(f"{port_file}.metrics")
     port_file.unlink(missing_ok=True)
+    metrics_file.unlink(missing_ok=True)
     log_path = log_dir / f"{name}.log"
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
     with open(log_path, "ab") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", module, *args, "--reflection", "--port", str(port), "--port-file", str(port_file)],
+            [sys.executable, "-m", module, *args, "--reflection", "--port", str(port), "--port-file", str(port_file),
+             *(["--metrics-port", "0"] if port == 0 else [])],
             cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + wait_for_port
     while not port_file.exists():
@@ -88,7 +96,8 @@ def start_service(name: str, module: str, args: list[str], env: dict[str, str] |
             process.kill()
             raise TimeoutError(f"{name} did not bind a port in {wait_for_port:.0f}s")
         time.sleep(0.1)
-    return ServiceProcess(name, process, int(port_file.read_text()), log_path)
+    metrics_port = int(metrics_file.read_text()) if metrics_file.exists() else None
+    return ServiceProcess(name, process, int(port_file.read_text()), log_path, metrics_port)
 
 
 def start_model_server(log_dir: Path | None = None, port: int = 0, models: Path = SERVING_MODELS,
