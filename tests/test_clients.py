@@ -7,6 +7,7 @@ scripts/stack.py starts (so `make run`) serves gRPC reflection.
 """
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -154,3 +155,22 @@ def test_the_stack_serves_reflection(model_server, logo_service, router):
         assert done.returncode == 0, done.stderr
         methods = done.stdout.split()
         assert method in methods and "grpc.health.v1.Health/Check" in methods, (service.name, methods)
+
+
+def test_grpcurl_lists_and_calls_the_router_without_proto_files(router, no_logo_photo):
+    """The generic client people reach for first: `grpcurl -plaintext HOST:PORT list`, then a call."""
+    grpcurl = ROOT / ".venv" / "bin" / "grpcurl"
+    if not grpcurl.exists():
+        pytest.fail(".venv/bin/grpcurl is missing: run `make dev-venv` (requirements-dev.txt)")
+    listed = subprocess.run([str(grpcurl), "-plaintext", router.address, "list"], capture_output=True, text=True,
+                            timeout=60)
+    assert listed.returncode == 0, listed.stderr
+    assert {"carrecog.v1.RecognitionService", "grpc.health.v1.Health"} <= set(listed.stdout.split())
+    image = base64.b64encode(no_logo_photo.path.read_bytes()).decode()
+    called = subprocess.run([str(grpcurl), "-plaintext", "-d", json.dumps({"image": image, "options": {"topK": 3}}),
+                             router.address, "carrecog.v1.RecognitionService/Recognize"],
+                            capture_output=True, text=True, timeout=60)
+    assert called.returncode == 0, called.stderr
+    answer = json.loads(called.stdout)
+    top_k = answer.get("topK", answer.get("top_k"))  # grpcurl versions differ in JSON field naming
+    assert answer["make"] and answer["route"].startswith("ROUTE_") and len(top_k) == 3
