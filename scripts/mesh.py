@@ -30,6 +30,8 @@ from pathlib import Path
 
 import yaml
 
+from scripts.stack import LoggedProcess
+
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = ROOT / "deploy" / "envoy" / "envoy.yaml"
 CLUSTER = "carrecog_router"
@@ -197,7 +199,7 @@ def validate(config_path: Path | str) -> subprocess.CompletedProcess:
 
 
 @dataclass
-class EnvoyProcess:
+class EnvoyProcess(LoggedProcess):
     process: subprocess.Popen
     admin: str                 # http://127.0.0.1:PORT
     log_path: Path
@@ -259,22 +261,6 @@ class EnvoyProcess:
                 return
             time.sleep(0.2)
         raise TimeoutError(f"fewer than {count} healthy routers after {timeout:.0f}s: {self.hosts()}")
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
-
-    def stop(self, timeout: float = 10.0) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
 
 
 def start_envoy(config_path: Path | str, log_dir: Path | str | None = None, log_level: str = "warning",

@@ -22,8 +22,31 @@ ROOT = Path(__file__).resolve().parent.parent
 SERVING_MODELS = ROOT / "serving_models"
 
 
+class LoggedProcess:
+    """A child process that writes to `log_path`: its log's tail, and a stop that ends in SIGKILL."""
+
+    process: subprocess.Popen
+    log_path: Path
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
 @dataclass
-class ServiceProcess:
+class ServiceProcess(LoggedProcess):
     """One running service: its process, bound port, log file and Prometheus /metrics port (None: off)."""
 
     name: str
@@ -51,21 +74,6 @@ class ServiceProcess:
             time.sleep(0.3)
         raise TimeoutError(f"{self.name} not SERVING after {timeout:.0f}s:\n{self.log_tail()}")
 
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
 
 
 def start_service(name: str, module: str, args: list[str], env: dict[str, str] | None = None,

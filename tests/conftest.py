@@ -64,6 +64,18 @@ def make_router(model_server, stack_logs):
         router.stop(signal.SIGKILL)
 
 
+@pytest.fixture
+def own_logo_service(stack_logs, request):
+    """A logo service of the test's own, to hang (SIGSTOP) or kill; killed after the test."""
+    service = start_logo_service(stack_logs / f"logo-{request.node.name}"[:80])
+    try:
+        service.wait_healthy()
+        yield service
+    finally:
+        service.process.send_signal(signal.SIGCONT)
+        service.stop(signal.SIGKILL)
+
+
 @pytest.fixture(scope="session")
 def recognition(router):
     with grpc.insecure_channel(router.address, options=[("grpc.max_send_message_length", 64 << 20)]) as channel:

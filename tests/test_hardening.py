@@ -133,37 +133,32 @@ def test_errors_hide_internals_and_logs_stay_json(recognition, router, logo_serv
 
 
 # 7. A hung logo service costs at most the breaker's threshold of slow calls.
-def test_breaker_skips_a_hung_logo_service_then_probes_it(make_router, stack_logs, logo_hit):
-    logo = start_logo_service(stack_logs / "hung-logo")
-    try:
-        logo.wait_healthy()
-        router = make_router(logo.address, env={"ROUTER_LOGO_TIMEOUT_MS": "600", "ROUTER_LOGO_BREAKER_FAILURES": "3",
-                                                "ROUTER_LOGO_BREAKER_RESET_MS": "3000"})
-        router.wait_healthy()
-        photo = logo_hit[0].path.read_bytes()
-        channel, stub = stub_for(router)
-        with channel:
-            assert recognize(stub, photo).logo_consulted
-            logo.process.send_signal(signal.SIGSTOP)
-            replies, slow = [], 0
-            for _ in range(10):
-                started = time.monotonic()
-                replies.append(recognize(stub, photo))
-                slow += time.monotonic() - started >= 0.6
-            assert slow <= 3
-            assert all(r.route == pb.ROUTE_FALLBACK_GLOBAL and r.model_name == GLOBAL for r in replies)
-            reasons = [r.fallback_reason for r in replies]
-            assert reasons[:3] == [pb.FALLBACK_REASON_LOGO_SERVICE_TIMEOUT] * 3
-            assert set(reasons[3:]) == {pb.FALLBACK_REASON_LOGO_SERVICE_CIRCUIT_OPEN}
-            assert "next try" in replies[-1].route_detail
-            logo.process.send_signal(signal.SIGCONT)
-            time.sleep(3.2)
-            probe = recognize(stub, photo)  # half-open: one call goes to the logo service again
-            assert probe.logo_consulted and probe.fallback_reason == pb.FALLBACK_REASON_UNSPECIFIED
-            assert recognize(stub, photo).logo_consulted  # closed again
-    finally:
+def test_breaker_skips_a_hung_logo_service_then_probes_it(make_router, own_logo_service, logo_hit):
+    logo = own_logo_service
+    router = make_router(logo.address, env={"ROUTER_LOGO_TIMEOUT_MS": "600", "ROUTER_LOGO_BREAKER_FAILURES": "3",
+                                            "ROUTER_LOGO_BREAKER_RESET_MS": "3000"})
+    router.wait_healthy()
+    photo = logo_hit[0].path.read_bytes()
+    channel, stub = stub_for(router)
+    with channel:
+        assert recognize(stub, photo).logo_consulted
+        logo.process.send_signal(signal.SIGSTOP)
+        replies, slow = [], 0
+        for _ in range(10):
+            started = time.monotonic()
+            replies.append(recognize(stub, photo))
+            slow += time.monotonic() - started >= 0.6
+        assert slow <= 3
+        assert all(r.route == pb.ROUTE_FALLBACK_GLOBAL and r.model_name == GLOBAL for r in replies)
+        reasons = [r.fallback_reason for r in replies]
+        assert reasons[:3] == [pb.FALLBACK_REASON_LOGO_SERVICE_TIMEOUT] * 3
+        assert set(reasons[3:]) == {pb.FALLBACK_REASON_LOGO_SERVICE_CIRCUIT_OPEN}
+        assert "next try" in replies[-1].route_detail
         logo.process.send_signal(signal.SIGCONT)
-        logo.stop(signal.SIGKILL)
+        time.sleep(3.2)
+        probe = recognize(stub, photo)  # half-open: one call goes to the logo service again
+        assert probe.logo_consulted and probe.fallback_reason == pb.FALLBACK_REASON_UNSPECIFIED
+        assert recognize(stub, photo).logo_consulted  # closed again
 
 
 def non_loopback_address() -> str | None:

@@ -10,7 +10,6 @@ import pytest
 
 from carrecog.v1 import recognition_service_pb2 as pb
 from router_service.settings import DEFAULT_LOGO_POLICY_FILE
-from scripts.stack import start_logo_service
 from tests.test_faults import stub_for
 from tests.test_stack import recognize
 
@@ -18,24 +17,18 @@ pytestmark = pytest.mark.integration
 CALIBRATED = json.loads(DEFAULT_LOGO_POLICY_FILE.read_text())["uncertain_below"]
 
 
-def test_always_runs_the_logo_stage_beside_the_model_and_never_waits_past_its_timeout(make_router, stack_logs,
+def test_always_runs_the_logo_stage_beside_the_model_and_never_waits_past_its_timeout(make_router, own_logo_service,
                                                                                        no_logo_photo):
-    logo = start_logo_service(stack_logs / "stopped-logo")
-    try:
-        logo.wait_healthy()
-        router = make_router(logo.address, env={"ROUTER_LOGO_POLICY": "always", "ROUTER_LOGO_TIMEOUT_MS": "800",
-                                                "ROUTER_LOGO_BREAKER_FAILURES": "100"})
-        router.wait_healthy()
-        channel, stub = stub_for(router)
-        with channel:
-            assert recognize(stub, no_logo_photo.path.read_bytes()).logo_consulted  # connected, warm
-            logo.process.send_signal(signal.SIGSTOP)  # hung: the connection stays, no answer comes
-            started = time.monotonic()
-            reply = recognize(stub, no_logo_photo.path.read_bytes())
-            elapsed = time.monotonic() - started
-    finally:
-        logo.process.send_signal(signal.SIGCONT)
-        logo.stop(signal.SIGKILL)
+    router = make_router(own_logo_service.address, env={"ROUTER_LOGO_POLICY": "always", "ROUTER_LOGO_TIMEOUT_MS": "800",
+                                                        "ROUTER_LOGO_BREAKER_FAILURES": "100"})
+    router.wait_healthy()
+    channel, stub = stub_for(router)
+    with channel:
+        assert recognize(stub, no_logo_photo.path.read_bytes()).logo_consulted  # connected, warm
+        own_logo_service.process.send_signal(signal.SIGSTOP)  # hung: the connection stays, no answer comes
+        started = time.monotonic()
+        reply = recognize(stub, no_logo_photo.path.read_bytes())
+        elapsed = time.monotonic() - started
     assert reply.route == pb.ROUTE_FALLBACK_GLOBAL and reply.label
     assert reply.fallback_reason == pb.FALLBACK_REASON_LOGO_SERVICE_TIMEOUT
     ms = {t.stage: t.ms for t in reply.timings}
