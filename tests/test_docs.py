@@ -40,3 +40,40 @@ def test_every_make_target_is_documented():
     targets = set(re.findall(r"^([a-z][a-z-]+):", makefile, re.MULTILINE)) - {"venv", "protos", "clean"}
     missing = sorted(t for t in targets if f"make {t}" not in readme)
     assert missing == [], f"undocumented make targets: {missing}"
+
+
+def service_help() -> str:
+    """The --help of the three services: every environment variable they read is named there as $NAME."""
+    import argparse
+    import contextlib
+    import io
+    import os
+
+    from logo_service.server import add_arguments as logo_arguments
+    from model_server.__main__ import build_parser as model_server_parser
+    from router_service.settings import parse_settings
+
+    os.environ["COLUMNS"] = "1000"  # argparse wraps help at the terminal's width, which would split the names
+    text = model_server_parser().format_help()
+    logo = argparse.ArgumentParser()
+    logo_arguments(logo)
+    text += logo.format_help()
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
+        parse_settings(["--help"])
+    return text + out.getvalue()
+
+
+def test_every_environment_variable_is_documented():
+    readme = (ROOT / "README.md").read_text()
+    prefixes = ("MODEL_SERVER_", "LOGO_", "ROUTER_", "LOGO_SERVICE_")
+    names = set(re.findall(r"\$([A-Z][A-Z0-9_]+)", service_help()))
+    assert {"ROUTER_LOGO_POLICY", "LOGO_GALLERY_DIR", "MODEL_SERVER_MAX_IMAGE_PIXELS"} <= names
+
+    def documented(name: str) -> bool:
+        generic = [name[len(p):] for p in prefixes if name.startswith(p)]
+        flag_rule = name.startswith("MODEL_SERVER_") and "`MODEL_SERVER_<FLAG>`" in readme  # one rule for all flags
+        return (name in readme or flag_rule
+                or any(f"`_{suffix}`" in readme or f"`..._{suffix}`" in readme for suffix in generic))
+
+    assert sorted(n for n in names if not documented(n)) == []
