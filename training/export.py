@@ -228,50 +228,42 @@ def evaluate(export_dir: Path, model: keras.Model, classes: list[data.ClassInfo]
     return result
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", required=True, help="training run folder (ckpt.json + its epoch-<N>.keras)")
-    p.add_argument("--model-name", required=True, help="TF Serving model name, e.g. global or audi")
-    p.add_argument("--version", type=int, required=True)
-    p.add_argument("--base", default="serving_models", help="TF Serving model base folder")
-    p.add_argument("--brand-signatures", action="store_true",
-                   help="add a signature per brand plugin over that brand's classes (for the global model)")
-    p.add_argument("--force", action="store_true", help="replace an existing version folder")
-    args = p.parse_args(argv)
-
-    t0 = time.time()
-    model, state = load_checkpoint(Path(args.run))
-    classes = [data.ClassInfo(c["class_id"], c["make"], c["model"], c["year"]) for c in state["classes"]]
-    size = state["preprocessing"]["size"]
-    export_dir = Path(args.base) / args.model_name / str(args.version)
-    if export_dir.exists() and not args.force:
+def export_model(model: keras.Model, classes: list[data.ClassInfo], size: int, *, model_name: str, version: int,
+                 base: str | Path = "serving_models", brand_signatures: bool = False, force: bool = False,
+                 architecture: str, preprocessing: dict, scope: str, trained_split_hash: str, training: dict,
+                 command: str, t0: float | None = None) -> tuple[Path, dict]:
+    """Export a trained Keras model (layers "trunk" + "head") as <base>/<model_name>/<version>: the
+    temperature fitted on val, the SavedModel (+ one signature per brand plugin), every signature
+    measured on val and test from raw bytes, and the model card (`training` goes in as given)."""
+    t0 = time.time() if t0 is None else t0
+    export_dir = Path(base) / model_name / str(version)
+    if export_dir.exists() and not force:
         raise SystemExit(f"{export_dir} exists; versions are immutable (--force replaces it)")
     photos = load_split()
     current_hash = split_hash(photos)
-    if current_hash != state["split_hash"]:
-        print(f"WARNING: split hash changed since training: {state['split_hash']} -> {current_hash}")
+    if current_hash != trained_split_hash:
+        print(f"WARNING: split hash changed since training: {trained_split_hash} -> {current_hash}")
     index = {c.class_id: i for i, c in enumerate(classes)}
     val = [p for p in photos if p.split == "val" and p.class_id in index]
     temperature = fit_temperature(val_logits(model, val, size), np.array([index[p.class_id] for p in val]))
     heads = {"serving_default": Head([c.label for c in classes])}
-    if args.brand_signatures:
+    if brand_signatures:
         heads.update(brand_heads(classes))
     # Build the version in a hidden sibling and rename it at the end, so a model
     # server polling the base path never loads half a version.
-    staging = export_dir.parent / f".tmp-{args.version}"
+    staging = export_dir.parent / f".tmp-{version}"
     shutil.rmtree(staging, ignore_errors=True)
     export_savedmodel(model, heads, size, staging, temperature)
     assert (staging / "assets" / "labels.txt").read_text().splitlines() == heads["serving_default"].labels
 
     metrics = evaluate(staging, model, classes, heads, size, temperature)
-    cfg = state["config"]
     card = {
-        "name": args.model_name,
-        "version": args.version,
-        "architecture": ARCHITECTURE[cfg["arch"]],
+        "name": model_name,
+        "version": version,
+        "architecture": architecture,
         "parameters": int(model.count_params()),
         "input_size": [size, size, 3],
-        "preprocessing": state["preprocessing"],
+        "preprocessing": preprocessing,
         "signatures": {
             name: {
                 "inputs": {"image_bytes": "DT_STRING [-1] encoded JPEG/PNG"},
@@ -290,20 +282,12 @@ def main(argv: list[str] | None = None) -> None:
         "weights_dtype": "float16 (cast to float32 in-graph)",
         "num_classes": len(classes),
         "classes": [c.to_json() for c in classes],
-        "scope": "all classes" if cfg["model"] == "global" else f"classes of brand plugin {cfg['model']!r}",
-        "split_hash": state["split_hash"],
+        "scope": scope,
+        "split_hash": trained_split_hash,
         "metrics": {**metrics["serving_default"], "float16_vs_float32": metrics["float16_vs_float32"]},
-        "training": {
-            "command": state["command"],
-            "commands": state["commands"],
-            "config": cfg,
-            "epochs": state["epoch"],
-            "history": state["history"],
-            "train_seconds": round(state["train_seconds"], 1),
-            "machine": state["machine"],
-        },
+        "training": training,
         "export": {
-            "command": shlex.join([Path(sys.executable).name, "-m", "training.export", *(argv or sys.argv[1:])]),
+            "command": command,
             "machine": machine(),
             "python": platform.python_version(),
             "seconds": None,
@@ -313,7 +297,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     card["export"]["seconds"] = round(time.time() - t0, 1)
     (staging / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")
-    if args.force:
+    if force:
         shutil.rmtree(export_dir, ignore_errors=True)
     staging.rename(export_dir)
     for name, m in metrics.items():
@@ -324,6 +308,42 @@ def main(argv: list[str] | None = None) -> None:
     print(f"exported {export_dir}: {len(classes)} classes, signatures {sorted(heads)}, temperature "
           f"{temperature:.3f}, variables {card['export']['variables_bytes'] / 1e6:.1f} MB, fp16 vs fp32 max prob "
           f"diff {metrics['float16_vs_float32']['max_abs_prob_diff']:.2e}")
+    return export_dir, card
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True, help="training run folder (ckpt.json + its epoch-<N>.keras)")
+    p.add_argument("--model-name", required=True, help="TF Serving model name, e.g. global or audi")
+    p.add_argument("--version", type=int, required=True)
+    p.add_argument("--base", default="serving_models", help="TF Serving model base folder")
+    p.add_argument("--brand-signatures", action="store_true",
+                   help="add a signature per brand plugin over that brand's classes (for the global model)")
+    p.add_argument("--force", action="store_true", help="replace an existing version folder")
+    args = p.parse_args(argv)
+
+    t0 = time.time()
+    model, state = load_checkpoint(Path(args.run))
+    classes = [data.ClassInfo(c["class_id"], c["make"], c["model"], c["year"]) for c in state["classes"]]
+    cfg = state["config"]
+    export_model(
+        model, classes, state["preprocessing"]["size"], model_name=args.model_name, version=args.version,
+        base=args.base, brand_signatures=args.brand_signatures, force=args.force,
+        architecture=ARCHITECTURE[cfg["arch"]], preprocessing=state["preprocessing"],
+        scope="all classes" if cfg["model"] == "global" else f"classes of brand plugin {cfg['model']!r}",
+        trained_split_hash=state["split_hash"],
+        training={
+            "command": state["command"],
+            "commands": state["commands"],
+            "config": cfg,
+            "epochs": state["epoch"],
+            "history": state["history"],
+            "train_seconds": round(state["train_seconds"], 1),
+            "machine": state["machine"],
+        },
+        command=shlex.join([Path(sys.executable).name, "-m", "training.export", *(argv or sys.argv[1:])]),
+        t0=t0,
+    )
 
 
 if __name__ == "__main__":
