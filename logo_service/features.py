@@ -17,6 +17,7 @@ import numpy as np
 # photo costs ~10x less. SIFT is scale invariant, so emblems still match.
 MAX_SIDE = 640
 FLANN_SEED = 20261124  # see flann_index
+SIFT_CONTRAST = 0.04  # OpenCV's default contrast threshold; the gallery is built with it
 
 
 @dataclass(frozen=True)
@@ -33,12 +34,16 @@ class Features:
 _LOCAL = threading.local()
 
 
-def _sift() -> cv2.SIFT:
-    # One detector per thread: the server matches in a thread pool, and an
-    # OpenCV algorithm object is not documented as safe to share across threads.
-    sift = getattr(_LOCAL, "sift", None)
+def _sift(contrast: float = SIFT_CONTRAST, nfeatures: int = 0, layers: int = 3) -> cv2.SIFT:
+    # One detector per thread and setting: the server matches in a thread pool, and
+    # an OpenCV algorithm object is not documented as safe to share across threads.
+    cache = getattr(_LOCAL, "sift", None)
+    if cache is None:
+        cache = _LOCAL.sift = {}
+    key = (contrast, nfeatures, layers)
+    sift = cache.get(key)
     if sift is None:
-        sift = _LOCAL.sift = cv2.SIFT_create()
+        sift = cache[key] = cv2.SIFT_create(nfeatures=nfeatures, nOctaveLayers=layers, contrastThreshold=contrast)
     return sift
 
 
@@ -70,13 +75,21 @@ def logo_gray(path: str, canvas: int = 400) -> np.ndarray:
     return cv2.resize(gray, None, fx=s, fy=s, interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_CUBIC)
 
 
-def sift_features(gray: np.ndarray, max_side: int = MAX_SIDE) -> Features:
-    """SIFT on a grey image, shrunk to max_side first; xy mapped back to original pixels."""
+def sift_features(gray: np.ndarray, max_side: int = MAX_SIDE, contrast: float = SIFT_CONTRAST,
+                  nfeatures: int = 0, layers: int = 3) -> Features:
+    """SIFT on a grey image, shrunk to max_side first; xy mapped back to original pixels.
+
+    contrast: SIFT's contrast threshold; a higher one keeps fewer, stronger
+    keypoints (the same descriptors for those it keeps), so a query may use it
+    to spend less on descriptors and on the gallery search. nfeatures > 0 keeps
+    only that many (the strongest responses); 0 keeps all. layers: scales per
+    octave (OpenCV's default 3; fewer means fewer Gaussian blurs).
+    """
     h, w = gray.shape[:2]
     scale = min(1.0, max_side / max(h, w))
     work = gray if scale == 1.0 else cv2.resize(gray, (max(1, round(w * scale)), max(1, round(h * scale))),
                                                 interpolation=cv2.INTER_AREA)
-    keypoints, desc = _sift().detectAndCompute(work, None)
+    keypoints, desc = _sift(contrast, nfeatures, layers).detectAndCompute(work, None)
     if desc is None or not keypoints:
         return Features(np.zeros((0, 2), np.float32), np.zeros((0, 128), np.float32), scale, w, h)
     # Per-axis factors: the shrunk size was rounded to whole pixels.
@@ -97,12 +110,16 @@ def to_matching_space(descriptors: np.ndarray) -> np.ndarray:
     return np.sqrt(d)
 
 
-def flann_index(descriptors: np.ndarray) -> cv2.flann_Index:
+def flann_index(descriptors: np.ndarray, trees: int = 4, kmeans_branching: int = 0) -> cv2.flann_Index:
     """A FLANN randomised kd-forest over float32 descriptors, the same on every run.
 
     FLANN draws its split dimensions from OpenCV's per-thread RNG; seeding it
     right before the build makes galleries and match results reproducible, so
     a gate calibrated on one machine means the same on another.
+    kmeans_branching > 0 builds a hierarchical k-means tree instead (slower to
+    build, more true neighbours per leaf checked).
     """
     cv2.setRNGSeed(FLANN_SEED)
-    return cv2.flann_Index(descriptors, dict(algorithm=1, trees=4))
+    if kmeans_branching > 0:
+        return cv2.flann_Index(descriptors, dict(algorithm=2, branching=kmeans_branching, iterations=5))
+    return cv2.flann_Index(descriptors, dict(algorithm=1, trees=trees))

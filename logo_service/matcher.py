@@ -5,7 +5,8 @@ pool so SIFT never blocks its event loop.
 
 Pipeline, and why each step:
 1. SIFT on the photo (shrunk to MAX_SIDE first; keypoints mapped back to the
-   original pixels, so the box is in the caller's coordinates).
+   original pixels, so the box is in the caller's coordinates); only the
+   `sift_nfeatures` strongest keypoints get descriptors and are searched.
 2. k nearest gallery keypoints from ONE FLANN index over every brand's
    exemplars: one search per photo however many brands there are.
 3. A neighbour is a good match when (a) it belongs to the same brand as the
@@ -18,17 +19,40 @@ Pipeline, and why each step:
 4. Good matches are grouped by exemplar; the exemplars with most matches are
    verified with a RANSAC homography; inliers are counted as distinct points.
 5. Candidates are the best exemplar per brand, ranked by inliers.
+
+Every match records how long each step took (`MatchResult.steps_ms`, keys in
+STEPS); scripts/profile_logo.py aggregates them over val photos.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
 
-from logo_service.features import MAX_SIDE, decode_gray, flann_index, sift_features, to_matching_space
+from logo_service.features import (MAX_SIDE, SIFT_CONTRAST, Features, decode_gray, flann_index, sift_features,
+                                   to_matching_space)
 from logo_service.gallery import Gallery
+
+
+# The steps `MatchResult.steps_ms` times, in pipeline order.
+STEPS = ("decode", "sift", "knn", "ratio", "ransac")
+
+
+class _Clock:
+    """Adds the time since the previous mark to a named step (perf_counter: ~0.1 us per mark)."""
+
+    __slots__ = ("steps", "_last")
+
+    def __init__(self, started: float) -> None:
+        self.steps = dict.fromkeys(STEPS, 0.0)
+        self._last = started
+
+    def mark(self, step: str) -> None:
+        now = time.perf_counter()
+        self.steps[step] += (now - self._last) * 1000.0
+        self._last = now
 
 
 @dataclass(frozen=True)
@@ -41,6 +65,14 @@ class MatcherParams:
     ransac_px: float = 5.0  # reprojection threshold, in pixels of the (shrunk) photo SIFT saw
     flann_checks: int = 32
     max_side: int = MAX_SIDE
+    sift_contrast: float = SIFT_CONTRAST  # query-side SIFT contrast threshold (OpenCV's default 0.04)
+    # Query-side keypoint budget, strongest responses first (0 = all). 250 keeps every val
+    # firing of "all" (scripts/profile_logo.py --sweep: 17/17 at gate 8, 225 loses one,
+    # 200 loses five) and cuts SIFT descriptors and the gallery search by a third.
+    sift_nfeatures: int = 250
+    sift_layers: int = 3  # query-side SIFT scales per octave (OpenCV's default 3)
+    flann_trees: int = 4  # kd-forest size of the gallery index
+    flann_kmeans_branching: int = 0  # > 0: a hierarchical k-means index instead of the kd-forest
 
 
 @dataclass(frozen=True)
@@ -69,6 +101,9 @@ class MatchResult:
     width: int
     height: int
     match_ms: float
+    # ms per step (STEPS: decode, sift, knn, ratio, ransac); they add up to match_ms
+    # minus a few microseconds of bookkeeping. decode is 0 for match_gray.
+    steps_ms: dict[str, float] = field(default_factory=dict, compare=False)
 
     @property
     def best(self) -> Candidate | None:
@@ -93,28 +128,41 @@ class LogoMatcher:
         self._xy = gallery.xy
         self._neg = gallery.neg_distance
         # The index is built once; searching it does not modify it.
-        self._index = flann_index(to_matching_space(gallery.descriptors))
+        self._index = flann_index(to_matching_space(gallery.descriptors), params.flann_trees,
+                                  params.flann_kmeans_branching)
 
     def match(self, image_bytes: bytes) -> MatchResult:
         started = time.perf_counter()
+        clock = _Clock(started)
         gray = decode_gray(image_bytes)
+        clock.mark("decode")
         if gray is None:
             raise UndecodableImage("OpenCV could not decode the image pixels: send a valid JPEG or PNG")
-        return self.match_gray(gray, started)
+        return self._match(gray, started, clock)
 
     def match_gray(self, gray: np.ndarray, started: float | None = None) -> MatchResult:
         started = time.perf_counter() if started is None else started
-        feats = sift_features(gray, self.params.max_side)
-        h, w = gray.shape[:2]
-        candidates = self._candidates(feats.xy, feats.scale, feats.descriptors, w, h) if len(feats.xy) >= 2 else []
-        ms = (time.perf_counter() - started) * 1000.0
-        return MatchResult(candidates, len(feats.xy), w, h, ms)
+        return self._match(gray, started, _Clock(started))
 
-    def _good_matches(self, desc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _match(self, gray: np.ndarray, started: float, clock: _Clock) -> MatchResult:
+        p = self.params
+        feats = sift_features(gray, p.max_side, p.sift_contrast, p.sift_nfeatures, p.sift_layers)
+        clock.mark("sift")
+        return self._match_features(feats, started, clock)
+
+    def _match_features(self, feats: Features, started: float, clock: _Clock) -> MatchResult:
+        """Everything after SIFT (scripts/profile_logo.py --sweep reuses one SIFT pass for many settings)."""
+        candidates = (self._candidates(feats.xy, feats.scale, feats.descriptors, feats.width, feats.height, clock)
+                      if len(feats.xy) >= 2 else [])
+        ms = (time.perf_counter() - started) * 1000.0
+        return MatchResult(candidates, len(feats.xy), feats.width, feats.height, ms, clock.steps)
+
+    def _good_matches(self, desc: np.ndarray, clock: _Clock) -> tuple[np.ndarray, np.ndarray]:
         """(query index, gallery index) pairs that pass both ratio tests."""
         p = self.params
         k = min(p.neighbors, len(self._xy))
         nn, sq = self._index.knnSearch(to_matching_space(desc), k, params=dict(checks=p.flann_checks))
+        clock.mark("knn")
         dist = np.sqrt(np.maximum(sq, 0.0))
         brand = self._brand_of_kp[nn]
         same = brand == brand[:, :1]
@@ -126,11 +174,13 @@ class LogoMatcher:
         qi, col = np.nonzero(ok)
         return qi, nn[qi, col]
 
-    def _candidates(self, qxy: np.ndarray, scale: float, desc: np.ndarray, w: int, h: int) -> list[Candidate]:
+    def _candidates(self, qxy: np.ndarray, scale: float, desc: np.ndarray, w: int, h: int,
+                    clock: _Clock) -> list[Candidate]:
         """Best verified exemplar per brand. qxy: original pixels; scale: SIFT's working size / original."""
         p, g = self.params, self.gallery
-        qi, gi = self._good_matches(desc)
+        qi, gi = self._good_matches(desc, clock)
         if len(qi) == 0:
+            clock.mark("ratio")
             return []
         ex = g.exemplar[gi]
         # One correspondence per (query keypoint, exemplar): the nearest one.
@@ -138,6 +188,7 @@ class LogoMatcher:
         qi, gi, ex = qi[first], gi[first], ex[first]
         ids, counts = np.unique(ex, return_counts=True)
         order = np.argsort(-counts, kind="stable")[: p.candidates]
+        clock.mark("ratio")
         best: dict[int, Candidate] = {}
         for e, n in zip(ids[order], counts[order]):
             if n < p.min_matches:
@@ -152,6 +203,7 @@ class LogoMatcher:
                 best[b] = Candidate(brand=str(g.brand_slugs[b]), brand_name=str(g.brand_names[b]),
                                     inliers=inliers, good_matches=int(n), score=inliers / int(n),
                                     box=box, exemplar=str(g.exemplar_names[e]))
+        clock.mark("ransac")
         return sorted(best.values(), key=lambda c: (-c.inliers, -c.score))
 
     def _verify(self, src: np.ndarray, scale: float, dst: np.ndarray, w: int, h: int) -> tuple[int, Box] | None:

@@ -19,7 +19,7 @@ from common.plugins import DEFAULT_PLUGINS_DIR, load_plugins
 from logo_service.gallery import Gallery
 from training.logo_calibrate import DEFAULT_OUT as CALIBRATION
 from training.logo_gallery import cached_gallery
-from logo_service.matcher import LogoMatcher, UndecodableImage
+from logo_service.matcher import STEPS, LogoMatcher, UndecodableImage
 from training.split import Photo, data_dir, load_split
 
 # A test-split Audi photo whose grille emblem matches train photo 05162 (not a near-duplicate).
@@ -138,3 +138,21 @@ def test_gallery_npz_round_trip_without_pickle(gallery, tmp_path):
     for name in ("descriptors", "xy", "neg_distance", "exemplar", "exemplar_brand", "exemplar_names", "brand_slugs"):
         np.testing.assert_array_equal(getattr(again, name), getattr(gallery, name))
     assert again.descriptors.dtype == np.uint8 and again.descriptors.shape[1] == 128
+
+
+def test_match_records_time_per_step(matcher, photos):
+    """The profiling API scripts/profile_logo.py reads: ms per step, adding up to match_ms."""
+    data = photos[HIT_PHOTO].path.read_bytes()
+    result = matcher.match(data)
+    assert tuple(result.steps_ms) == STEPS
+    assert all(ms >= 0 for ms in result.steps_ms.values())
+    assert result.steps_ms["sift"] > 0 and result.steps_ms["knn"] > 0
+    assert sum(result.steps_ms.values()) == pytest.approx(result.match_ms, rel=0.05, abs=0.5)
+    # match_gray skips decoding; the answer is the same either way
+    gray = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
+    again = matcher.match_gray(gray)
+    assert again.steps_ms["decode"] == 0.0
+    assert again.candidates == result.candidates
+    # a blank image stops after SIFT: nothing is searched
+    blank = matcher.match(cv2.imencode(".png", np.full((120, 160), 128, np.uint8))[1].tobytes())
+    assert blank.steps_ms["knn"] == 0.0 and blank.steps_ms["ransac"] == 0.0
