@@ -31,7 +31,8 @@ from training.logo_gallery import load_or_build
 from training.split import Photo, data_dir, load_split
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "logo_service" / "calibration.json"
-SAFETY_INLIERS = 2  # the gate sits this far above the highest wrong firing seen on val
+SAFETY_INLIERS = 4  # the gate sits this far above the highest wrong firing seen on val: two builds of the
+# same gallery moved a photo by 2 inliers (07125: 9 vs 10), so a margin of 2 sat inside that noise
 FLOOR = 8  # 4 points fix a homography; 8 means at least 4 independent confirmations
 SWEEP = range(4, 41)
 
