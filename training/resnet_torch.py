@@ -260,7 +260,7 @@ def to_input(images: torch.Tensor, device: torch.device, train: bool, args) -> t
     if train:
         x = random_erasing(color_jitter(x, args.jitter), args.erasing)
     x = x / 127.5 - 1.0
-    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
+    return x.contiguous(memory_format=torch.channels_last) if args.channels_last else x
 
 
 def distillation_loss(logits, labels, teacher_logp, alpha: float, temperature: float, smoothing: float):
@@ -384,8 +384,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--minutes", type=float, default=8.0, help="wall-clock training budget; the LR schedule spans it")
     p.add_argument("--max-steps", type=int, default=None, help="stop (and schedule) by steps instead (dry runs)")
+    p.add_argument("--call-minutes", type=float, default=None,
+                   help="stop THIS call after so many minutes of training (checkpoint; finish with --resume)")
     p.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd")
-    p.add_argument("--lr", type=float, default=0.2, help="peak LR (SGD: 0.2 at batch 256; AdamW: ~2e-3)")
+    p.add_argument("--lr", type=float, default=0.1, help="peak LR (SGD: 0.1 at batch 256; AdamW: ~2e-3)")
     p.add_argument("--weight-decay", type=float, default=5e-4, help="not on biases and BatchNorm (AdamW: ~0.05)")
     p.add_argument("--warmup", type=float, default=0.03, help="fraction of the run")
     p.add_argument("--alpha", type=float, default=0.3, help="weight of the label CE; 1 - alpha on the teacher KL")
@@ -397,6 +399,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=14)
     p.add_argument("--device", default="cuda")
     p.add_argument("--amp", type=int, default=None, help="bf16 autocast (default: on for CUDA)")
+    p.add_argument("--channels-last", type=int, default=None, help="channels_last memory format (default: CUDA)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (costs compile time)")
     p.add_argument("--impl", choices=("auto", "torchvision", "local"), default="auto")
     p.add_argument("--val-every", type=int, default=1, help="epochs between val passes (and the last)")
@@ -407,6 +410,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.amp is None:
         args.amp = int(args.device.startswith("cuda"))
     args.amp = bool(args.amp)
+    if args.channels_last is None:
+        args.channels_last = int(args.device.startswith("cuda"))
+    args.channels_last = bool(args.channels_last)
     return args
 
 
@@ -437,7 +443,7 @@ def train(args: argparse.Namespace) -> dict:
     train_pack, val_pack = Pack(pack_dir / "train.npz"), Pack(pack_dir / "val.npz")
     num_classes = len(meta["classes"])
     model, impl = build_model(num_classes, args.impl)
-    model = model.to(device).to(memory_format=torch.channels_last if device.type == "cuda" else torch.contiguous_format)
+    model = model.to(device).to(memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
     optimizer = make_optimizer(model, args)
 
     state = {"step": 0, "epoch": 0, "elapsed_s": 0.0, "history": [], "commands": []}
@@ -466,9 +472,10 @@ def train(args: argparse.Namespace) -> dict:
     val_loader = torch.utils.data.DataLoader(Photos(val_pack, args.size, False), batch_size=2 * batch, **loader_kw)
     steps_per_epoch = len(train_loader)
     budget_s = args.minutes * 60
+    budget = f"{args.max_steps} steps" if args.max_steps else f"{args.minutes:.1f} min"
     print(f"{impl} on {device} ({machine(device)}): {num_classes} classes, {len(train_pack)} train / "
           f"{len(val_pack)} val photos, {steps_per_epoch} steps/epoch of {batch} at {args.size} px, "
-          f"budget {'%d steps' % args.max_steps if args.max_steps else '%.1f min' % args.minutes}, "
+          f"budget {budget}, amp {args.amp}, channels_last {args.channels_last}, "
           f"start-up {time.time() - t_start:.1f}s", flush=True)
 
     def progress() -> float:
@@ -501,6 +508,7 @@ def train(args: argparse.Namespace) -> dict:
 
     stop = Stop()
     model.train()
+    t_loop = time.time()
     last_save = time.time()
     done = progress() >= 1
     while not done:
@@ -525,7 +533,8 @@ def train(args: argparse.Namespace) -> dict:
             state["step"] += 1
             state["elapsed_s"] += time.time() - t_fetch
             t_fetch = time.time()
-            if progress() >= 1 or stop.requested:
+            if progress() >= 1 or stop.requested or (
+                    args.call_minutes and time.time() - t_loop > args.call_minutes * 60):
                 done = True
                 break
         if device.type == "cuda":
@@ -544,7 +553,8 @@ def train(args: argparse.Namespace) -> dict:
         state["history"].append(row)
         print(f"epoch {row['epoch']} step {row['step']} loss {row['train_loss'] or 0:.3f} "
               f"val top1 {row.get('val_top1', float('nan')):.3f} lr {row['lr']:.3g} {row['images_per_s']:.0f} img/s "
-              f"(loader wait {row['loader_wait_fraction']:.0%}) {state['elapsed_s']:.0f}/{budget_s:.0f}s", flush=True)
+              f"(loader wait {row['loader_wait_fraction']:.0%}) {state['elapsed_s']:.0f}s, {progress():.0%} of {budget}",
+              flush=True)
         if not done and time.time() - last_save > args.save_every_s:
             save(final=False)
             last_save = time.time()
