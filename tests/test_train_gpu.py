@@ -28,8 +28,10 @@ CLASS_IDS = [12, 13, 26, 27, 54, 55]  # two Audi, two BMW, two Chevrolet classes
 
 def make_dry(target: str, **variables: str) -> str:
     """The recipe make would run for `target`, with variables overridden."""
+    env = {k: v for k, v in os.environ.items()  # not the flags of a make that runs this test, nor GPU_* overrides
+           if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL") and not k.startswith("GPU_")}
     out = subprocess.run(["make", "-s", "-n", target, *(f"{k}={v}" for k, v in variables.items())],
-                         cwd=ROOT, check=True, capture_output=True, text=True).stdout.strip().splitlines()
+                         cwd=ROOT, check=True, capture_output=True, text=True, env=env).stdout.strip().splitlines()
     assert len(out) == 1, out
     return out[0]
 
