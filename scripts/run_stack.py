@@ -20,8 +20,9 @@ from scripts.stack import ROOT, start_logo_service, start_model_server, start_ro
 from scripts.supervisor import Supervisor
 from common.data import data_dir
 
-# Test-split photos: three on which the logo gate fires (audi, chevrolet, dodge),
-# three on which it does not.
+# Test-split photos: three whose logo the gate recognises when the logo stage runs (audi,
+# chevrolet, dodge), three it does not. With the default logo policy (uncertain) the model
+# is sure of all six makes, so each answer says the logo stage was skipped and why.
 DEFAULT_IMAGE_IDS = ["00274", "01752", "03205", "00001", "00013", "00160"]
 
 
