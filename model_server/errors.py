@@ -9,3 +9,6 @@ from common.errors import (FailedPrecondition, InvalidArgument, NotFound, Servic
                            Unimplemented, status_of, tensorflow_message)
 
 ServingError = ServiceError  # the name the model server's modules and tests know
+
+__all__ = ["FailedPrecondition", "InvalidArgument", "NotFound", "ServiceError", "ServingError", "Unavailable",
+           "Unimplemented", "status_of", "tensorflow_message"]

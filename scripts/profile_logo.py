@@ -1,7 +1,7 @@
 """Where the logo stage's time goes per photo, and what cheaper settings cost in firings.
 
-    python scripts/profile_logo.py [--n 200] [--set key=value ...] [--vs key=value ...]
-    python scripts/profile_logo.py --sweep [--n 964]
+    python -m scripts.profile_logo [--n 200] [--set key=value ...] [--vs key=value ...]
+    python -m scripts.profile_logo --sweep [--n 964]
 
 Loads the gallery artifact (artifacts/logo_gallery, what the service loads),
 then matches VAL photos single-threaded (cv2.setNumThreads(1)) and prints
@@ -25,15 +25,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import cv2
-import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common.plugins import DEFAULT_PLUGINS_DIR, brand_for_make, load_plugins  # noqa: E402
 from logo_service.features import decode_gray, sift_features  # noqa: E402

@@ -516,7 +516,6 @@ def train(args: argparse.Namespace) -> dict:
         t_fetch = time.time()
         for images, labels, teacher in train_loader:
             wait += time.time() - t_fetch
-            t_step = time.time()
             for g in optimizer.param_groups:
                 g["lr"] = args.lr * lr_factor(progress(), args.warmup)
             x = to_input(images, device, True, args)
