@@ -180,6 +180,9 @@ class Recognizer:
         try:
             match = await self.logo.MatchLogo(logo_service_pb2.MatchLogoRequest(image=image),
                                               timeout=timeout, metadata=outgoing_metadata())
+        except asyncio.CancelledError:  # our caller gave up: this says nothing of the logo service,
+            self.logo_breaker.record_ignored()  # and a half-open probe must not stay "in flight" for ever
+            raise
         except grpc.aio.AioRpcError as exc:
             response.timings.add(stage="logo", ms=_ms_since(started))
             code = exc.code()
