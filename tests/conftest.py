@@ -111,10 +111,21 @@ def logo_hit(logo_stub, plugins, test_photos):
 
 @pytest.fixture(scope="session")
 def no_logo_photo(logo_stub, plugins, test_photos):
-    """A test-split photo of a make without a plugin on which the gate stays quiet."""
-    plugin_makes = {m for p in plugins.values() for m in p.makes}
-    for photo in [p for p in test_photos if p.make not in plugin_makes][:50]:
+    """A test-split photo of a make without a model of its own on which the gate stays quiet."""
+    model_makes = {m for p in plugins.values() if p.model for m in p.makes}
+    for photo in [p for p in test_photos if p.make not in model_makes][:50]:
         reply = logo_stub.MatchLogo(logo_service_pb2.MatchLogoRequest(image=photo.path.read_bytes()), timeout=30)
         if not reply.matched:
             return photo
-    pytest.fail("the logo gate fired on 50 of 50 photos of makes without a plugin")
+    pytest.fail("the logo gate fired on 50 of 50 photos of makes without a model")
+
+
+@pytest.fixture(scope="session")
+def restricted_hit(logo_stub, plugins, test_photos):
+    """A test-split photo on which the gate fires for a make whose plugin has no model (logo only)."""
+    logo_only = {m: slug for slug, p in plugins.items() if not p.model for m in p.makes}
+    for photo in [p for p in test_photos if p.make in logo_only][:300]:
+        reply = logo_stub.MatchLogo(logo_service_pb2.MatchLogoRequest(image=photo.path.read_bytes()), timeout=30)
+        if reply.matched and reply.best.brand == logo_only[photo.make]:
+            return photo, reply.best.brand
+    pytest.fail("the logo gate fired on none of 300 test photos of logo-only makes")

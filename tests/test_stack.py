@@ -36,6 +36,14 @@ def test_logo_gated_route_uses_the_brand_model(recognition, logo_hit, plugins):
     assert {"logo", "total"} <= stages and any(s.startswith("predict:") for s in stages)
 
 
+def test_logo_of_a_make_without_a_model_answers_within_that_make(recognition, restricted_hit, plugins):
+    photo, brand = restricted_hit
+    reply = recognize(recognition, photo.path.read_bytes())
+    assert reply.route == pb.ROUTE_LOGO_RESTRICTED and reply.logo_matched and reply.logo.brand == brand
+    assert reply.model_name == GLOBAL and "restricted to" in reply.route_detail
+    assert reply.make == photo.make and all(p.make in plugins[brand].makes for p in reply.top_k)
+
+
 def test_no_logo_goes_to_the_global_model(recognition, no_logo_photo):
     reply = recognize(recognition, no_logo_photo.path.read_bytes(), top_k=7)
     assert reply.route == pb.ROUTE_GLOBAL_MODEL and reply.logo_consulted and not reply.logo_matched
@@ -72,7 +80,8 @@ def test_list_models_reads_labels_from_the_models(recognition, plugins):
     assert reply.global_model == GLOBAL and default.available
     assert len(default.labels) == 196 and default.input_key
     assert {b.slug for b in reply.brands} == set(plugins)
-    for b in reply.brands:  # every brand signature is served and knows only its brand's classes
+    assert {b.slug for b in reply.brands if b.model_name} == {"audi", "bmw", "chevrolet", "dodge", "ford", "hyundai"}
+    for b in (b for b in reply.brands if b.model_name):  # every brand signature is served, knows only its brand
         brand_model = models[(b.model_name, b.signature_name)]
         assert brand_model.available and brand_model.brand == b.slug
         assert list(brand_model.makes) == sorted(plugins[b.slug].makes)
