@@ -161,9 +161,13 @@ def export_savedmodel(model: keras.Model, heads: dict[str, Head], size: int, exp
 
 
 def brand_heads(classes: list[data.ClassInfo]) -> dict[str, Head]:
-    """One head per brand plugin whose makes are among `classes`: those classes' columns."""
+    """One head per brand plugin that names a model of its own and whose makes are among `classes`:
+    those classes' columns. Logo-only plugins get none: the router restricts the global answer to
+    their make itself (ROUTE_LOGO_RESTRICTED)."""
     heads = {}
     for slug, plugin in sorted(load_plugins(DEFAULT_PLUGINS_DIR, data_dir()).items()):
+        if plugin.model is None:
+            continue
         columns = [i for i, c in enumerate(classes) if c.make in plugin.makes]
         if columns:
             heads[slug] = Head([classes[i].label for i in columns], columns)

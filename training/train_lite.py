@@ -223,7 +223,8 @@ def main(argv: list[str] | None = None) -> None:
               f"test ECE {metrics['test']['ece']:.3f}", flush=True)
 
     finish("global", w, b, list(range(len(classes))), {})
-    for plugin in load_plugins(DEFAULT_PLUGINS_DIR, data_dir(), check_logos=False).values():
+    brand_plugins = [p for p in load_plugins(DEFAULT_PLUGINS_DIR, data_dir(), check_logos=False).values() if p.model]
+    for plugin in brand_plugins:  # logo-only plugins get no head: the router restricts the global answer
         members = [i for i, c in enumerate(classes) if c.make in plugin.makes]
         (f_train, y_train), (f_val, y_val) = restrict("train", members), restrict("val", members)
         start_top1 = topk_metrics(f_val @ w[:, members] + b[members], y_val)["top1"]
