@@ -25,7 +25,6 @@ Each service is one process, so the default registry holds one service's metrics
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any, Callable
 
 from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics, start_http_server
@@ -142,11 +141,6 @@ class MetricsServer:
     def __init__(self, host: str, port: int) -> None:
         self.httpd, self.thread = start_http_server(port, addr=host)
         self.port = int(self.httpd.server_port)
-
-    def write_port_file(self, path: str | Path) -> None:
-        tmp = Path(f"{path}.tmp")
-        tmp.write_text(str(self.port))
-        tmp.replace(path)  # atomic, as the gRPC port file
 
     def close(self) -> None:
         """Stop serving (blocks up to half a second: run it off the event loop)."""

@@ -128,6 +128,13 @@ def _metrics_port_default(prefix: str) -> int:
     return int(raw) if raw.strip() else -1
 
 
+def write_port_file(path: str, port: int) -> None:
+    """Write a bound port for whoever started us (tests, make run); atomic, so no reader sees half a file."""
+    tmp = Path(path + ".tmp")
+    tmp.write_text(str(port))
+    tmp.replace(path)
+
+
 def server_credentials(settings: ServerSettings) -> grpc.ServerCredentials | None:
     """TLS credentials when a certificate is configured, else None (plaintext)."""
     if not settings.tls_cert_file and not settings.tls_key_file:
@@ -181,7 +188,6 @@ class GrpcServer:
             options=options,
         )
         self.metrics = None  # common.metrics.MetricsServer once started
-        self.metrics_port: int | None = None
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.port = 0
@@ -204,17 +210,18 @@ class GrpcServer:
         if self.settings.metrics_port is not None:
             from common.metrics import MetricsServer
             self.metrics = MetricsServer(self.settings.host, self.settings.metrics_port)
-            self.metrics_port = self.metrics.port
             if self.settings.port_file:  # before the port file: whoever waits for it finds both
-                self.metrics.write_port_file(self.settings.port_file + ".metrics")
-            log_event(logger, "metrics listening", port=self.metrics_port, path="/metrics")
+                write_port_file(self.settings.port_file + ".metrics", self.metrics.port)
+            log_event(logger, "metrics listening", port=self.metrics.port, path="/metrics")
         if self.settings.port_file:
-            tmp = Path(self.settings.port_file + ".tmp")
-            tmp.write_text(str(self.port))
-            tmp.replace(self.settings.port_file)  # atomic: readers never see a half-written file
+            write_port_file(self.settings.port_file, self.port)
         log_event(logger, "listening", port=self.port, tls=credentials is not None,
                   mtls=bool(self.settings.tls_client_ca_file), reflection=self.settings.reflection)
         return self.port
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self.metrics.port if self.metrics is not None else None
 
     async def set_serving(self, serving: bool) -> None:
         """Health status for the whole server ("") and each named service."""

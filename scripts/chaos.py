@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import signal
-import socket
 import sys
 import tempfile
 import threading
@@ -41,7 +40,7 @@ from carrecog.v1 import recognition_service_pb2 as pb
 from carrecog.v1 import recognition_service_pb2_grpc as pb_grpc
 from common import healthcheck
 from common.data import data_dir
-from scripts.stack import ROOT, ServiceProcess, start_logo_service, start_model_server, start_router
+from scripts.stack import ROOT, ServiceProcess, free_port, start_logo_service, start_model_server, start_router
 from scripts.supervisor import Supervisor
 
 LOGO_TIMEOUT_MS = 1500  # the router's default; "slow" calls are those that waited for it
@@ -66,11 +65,6 @@ class Recorder:
         with self.lock:
             self.calls.append(call)
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def caller(address: str, photos: list[bytes], recorder: Recorder, stop: threading.Event, offset: int) -> None:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import yaml
 
-from scripts.stack import LoggedProcess
+from scripts.stack import LoggedProcess, wait_for_file
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = ROOT / "deploy" / "envoy" / "envoy.yaml"
@@ -275,14 +275,7 @@ def start_envoy(config_path: Path | str, log_dir: Path | str | None = None, log_
             [envoy_binary(), "-c", str(config_path), "--admin-address-path", str(admin_file),
              "--disable-hot-restart", "--concurrency", "1", "--log-level", log_level],
             stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + timeout
-    while not (admin_file.exists() and admin_file.read_text().strip()):
-        if process.poll() is not None:
-            raise RuntimeError(f"envoy exited with {process.returncode}:\n{log_path.read_text(errors='replace')[-3000:]}")
-        if time.monotonic() > deadline:
-            process.kill()
-            raise TimeoutError(f"envoy wrote no admin address in {timeout:.0f}s")
-        time.sleep(0.1)
+    wait_for_file(admin_file, process, "envoy", log_path, timeout)
     envoy = EnvoyProcess(process, "http://" + admin_file.read_text().strip(), log_path)
     envoy.wait_ready(timeout)
     return envoy

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -76,6 +77,26 @@ class ServiceProcess(LoggedProcess):
 
 
 
+def free_port() -> int:
+    """A TCP port nothing listens on right now (for a service that must come back on the same one)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_file(path: Path, process: subprocess.Popen, name: str, log_path: Path, timeout: float) -> None:
+    """Wait until a starting process has written `path` (its bound port or address); fail with its log's
+    tail if it exits first, kill it if it takes longer than `timeout`."""
+    deadline = time.monotonic() + timeout
+    while not (path.exists() and path.read_text().strip()):
+        if process.poll() is not None:
+            raise RuntimeError(f"{name} exited with {process.returncode}:\n{log_path.read_text(errors='replace')[-3000:]}")
+        if time.monotonic() > deadline:
+            process.kill()
+            raise TimeoutError(f"{name} did not write {path.name} in {timeout:.0f}s")
+        time.sleep(0.1)
+
+
 def start_service(name: str, module: str, args: list[str], env: dict[str, str] | None = None,
                   log_dir: Path | None = None, port: int = 0, wait_for_port: float = 180.0) -> ServiceProcess:
     """Run `python -m module args --port PORT --port-file F`; returns once the port is bound.
@@ -96,14 +117,7 @@ def start_service(name: str, module: str, args: list[str], env: dict[str, str] |
             [sys.executable, "-m", module, *args, "--reflection", "--port", str(port), "--port-file", str(port_file),
              *(["--metrics-port", "0"] if port == 0 else [])],
             cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + wait_for_port
-    while not port_file.exists():
-        if process.poll() is not None:
-            raise RuntimeError(f"{name} exited with {process.returncode}:\n{log_path.read_text(errors='replace')[-3000:]}")
-        if time.monotonic() > deadline:
-            process.kill()
-            raise TimeoutError(f"{name} did not bind a port in {wait_for_port:.0f}s")
-        time.sleep(0.1)
+    wait_for_file(port_file, process, name, log_path, wait_for_port)
     metrics_port = int(metrics_file.read_text()) if metrics_file.exists() else None
     return ServiceProcess(name, process, int(port_file.read_text()), log_path, metrics_port)
 

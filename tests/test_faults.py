@@ -5,7 +5,6 @@ import io
 import json
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -18,7 +17,7 @@ from carrecog.v1 import recognition_service_pb2 as pb
 from carrecog.v1 import recognition_service_pb2_grpc as pb_grpc
 from router_service.server import SERVICE_NAME as SERVICE
 from router_service.settings import DEFAULT_GLOBAL_MODEL as GLOBAL
-from scripts.stack import ROOT, start_logo_service, start_model_server, start_router
+from scripts.stack import ROOT, free_port, start_logo_service, start_model_server, start_router
 from scripts.supervisor import Supervisor
 from tests import images
 from tests.conftest import LOGO_ALWAYS
@@ -27,11 +26,6 @@ from tests.test_stack import recognize
 
 pytestmark = pytest.mark.integration
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def stub_for(service, credentials=None, options=()):

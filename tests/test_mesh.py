@@ -9,7 +9,6 @@ counts, retries.
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -25,15 +24,10 @@ from carrecog.v1 import recognition_service_pb2 as pb
 from carrecog.v1 import recognition_service_pb2_grpc as pb_grpc
 from common.channels import tls_credentials
 from scripts.mesh import MeshTls, make_certs, render, router_tls_env, start_envoy, write_config
-from scripts.stack import ROOT, start_router
+from scripts.stack import ROOT, free_port, start_router
 
 pytestmark = pytest.mark.integration
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
