@@ -2,6 +2,12 @@
 
 Stratified by class with a fixed seed; exact duplicate files (same SHA-256)
 are kept together on one side, so no photo is both trained on and tested on.
+Near-duplicates (the same press photo recropped or recoloured; the groups in
+`near_duplicate_groups.json`, written by `python -m training.near_duplicates
+--write-groups`) are kept together too: a group that the stratified draw spreads
+over several splits moves whole to the earliest of them (train, then val, then
+test). Photos only ever move towards train, so a model trained on the split
+before the grouping still never saw a photo of today's val or test split.
 Every consumer (training, the logo gallery, evaluation) calls `load_split`,
 so they all agree on which photos are which.
 
@@ -11,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import random
 from collections import defaultdict
 from dataclasses import dataclass
@@ -19,6 +26,9 @@ from pathlib import Path
 SEED = 20261124
 FRACTIONS = {"train": 0.70, "val": 0.15, "test": 0.15}
 from common.data import data_dir  # noqa: F401  (re-exported: the split's consumers import it from here)
+
+NEAR_DUPLICATE_GROUPS = Path(__file__).with_name("near_duplicate_groups.json")
+SPLIT_ORDER = ("train", "val", "test")
 
 
 @dataclass(frozen=True)
@@ -74,7 +84,24 @@ def _assign(rows: list[dict]) -> dict[str, str]:
                 placed[name] += len(group)
             for row in group:
                 assignment[row["image_id"]] = name
-    return assignment
+    return keep_groups_together(assignment, near_duplicate_groups())
+
+
+def near_duplicate_groups(path: Path = NEAR_DUPLICATE_GROUPS) -> list[list[str]]:
+    """Groups of image ids that are near-duplicates of each other (none when the file is absent)."""
+    return json.loads(path.read_text())["groups"] if path.exists() else []
+
+
+def keep_groups_together(assignment: dict[str, str], groups: list[list[str]]) -> dict[str, str]:
+    """Move every group that straddles splits to the earliest split among its members."""
+    moved = dict(assignment)
+    for group in groups:
+        members = [i for i in group if i in moved]
+        if members:
+            target = min((moved[i] for i in members), key=SPLIT_ORDER.index)
+            for image_id in members:
+                moved[image_id] = target
+    return moved
 
 
 def load_split(root: Path | None = None) -> list[Photo]:
