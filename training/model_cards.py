@@ -5,7 +5,10 @@
 For every model and signature the report scored alone (its own makes' test
 photos, through the router with force_model), the served version's
 `model_card.json` gains `evaluation.signatures.<signature>`: photos, top-1,
-make top-1 and ECE, with the command and date. The router's ListModels reads
+make top-1 and ECE, with the command, the date and the hash of the split the
+test photos came from. That can be newer than the split the model was trained
+on (the card's `split_hash`): grouping near-duplicates only ever moves photos
+into train (training/split.py), so today's test photos were never trained on. The router's ListModels reads
 them (router_service/model_cards.py), so a client sees how good each model is.
 """
 from __future__ import annotations
@@ -14,6 +17,8 @@ import argparse
 import json
 import time
 from pathlib import Path
+
+from training.split import load_split, split_hash
 
 SERVING_MODELS = Path(__file__).resolve().parent.parent / "serving_models"
 
@@ -29,6 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models-dir", type=Path, default=SERVING_MODELS)
     args = parser.parse_args(argv)
     report = json.loads(args.report.read_text())
+    evaluated_on = split_hash(load_split())
     cards: dict[Path, dict] = {}
     indents: dict[Path, int] = {}
     for key, scores in report["models"].items():
@@ -41,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
         card = cards[path]
         evaluation = card.setdefault("evaluation", {})
         evaluation.update({"split": "test", "command": f"make evaluate OUT={args.report}",
-                           "date": time.strftime("%Y-%m-%d", time.gmtime())})
+                           "date": time.strftime("%Y-%m-%d", time.gmtime()), "split_hash": evaluated_on})
         evaluation.setdefault("signatures", {})[signature or "serving_default"] = {
             "photos": scores["n"], "top1": scores["top1"], "make_top1": scores["make_top1"], "ece": scores["ece"]}
     for path, card in cards.items():
