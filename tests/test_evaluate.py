@@ -24,7 +24,9 @@ def test_evaluate_writes_json_markdown_and_figures(router, tmp_path):
     pipeline = report["pipeline"]
     for key in ("top1", "top5", "make_top1", "logo_fired", "logo_precision"):
         assert 0.0 <= pipeline[key] <= 1.0
-    assert pipeline["logo_fired_count"] >= 3  # 00274, 01752, 03205 and 05353 fire in calibration
+    # any labelled photos can be evaluated; these four fire against the shipped gallery (00274 is a train
+    # photo now and matches itself, 05353 a twin among the exemplars), so the logo columns are exercised
+    assert pipeline["logo_fired_count"] >= 3
     assert report["models"][GLOBAL]["n"] == report["models"]["global"]["n"] == len(IDS)
     # a brand model (a separate ResNet50, or a brand signature) is scored on its brand's photos only
     assert report["models"]["audi"]["n"] == report["models"][f"{GLOBAL}:audi"]["n"] == 3
