@@ -132,10 +132,10 @@ $(TRAIN_STAMP): requirements-train.txt $(STAMP)
 	touch $@
 
 # The shipped EfficientNet-Lite0 model (global + brand signatures) at 320 px, end to end on 2 CPU cores:
-# ~28 min caching the frozen blocks, ~160 s per epoch, ~5 min export. make train-lite VERSION=5
+# ~22 min caching the frozen blocks, ~150-200 s per epoch (15: ~50 min), ~5 min export. make train-lite VERSION=5
 LITE_RUN ?= runs/lite0-320
 LITE_SIZE ?= 320
-EPOCHS ?= 18
+EPOCHS ?= 15
 train-lite: $(TRAIN_STAMP)
 	$(PY) -m training.lite_features --variant lite0 --size $(LITE_SIZE) --cut 11 --views 4 --out $(LITE_RUN)
 	$(PY) -m training.train_lite --run $(LITE_RUN) --epochs $(EPOCHS) --resume

@@ -18,11 +18,6 @@ import tensorflow as tf
 from training.split import load_split
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m scripts.compare_models", description=__doc__.split("\n")[0])
     parser.add_argument("model_a", help="SavedModel folder (a version folder)")
@@ -41,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
             fn(image_bytes=tf.constant([photos[i % len(photos)]]))
             ms[name].append((time.perf_counter() - started) * 1000)
     for name, values in ms.items():
-        print(f"{name}: p50 {statistics.median(values):.1f} ms, p95 {percentile(values, 0.95):.1f} ms ({len(values)} calls)")
+        print(f"{name}: p50 {statistics.median(values):.1f} ms, p95 {statistics.quantiles(values, n=20)[18]:.1f} ms ({len(values)} calls)")
     a, b = (statistics.median(ms[n]) for n in serve)
     print(f"p50 ratio {args.model_a} / {args.model_b}: {a / b:.2f}")
 

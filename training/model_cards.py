@@ -8,8 +8,9 @@ photos, through the router with force_model), the served version's
 make top-1 and ECE, with the command, the date and the hash of the split the
 test photos came from. That can be newer than the split the model was trained
 on (the card's `split_hash`): grouping near-duplicates only ever moves photos
-into train (training/split.py), so today's test photos were never trained on. The router's ListModels reads
-them (router_service/model_cards.py), so a client sees how good each model is.
+into train (training/split.py), so today's test photos were never trained on.
+The router's ListModels reads them (router_service/model_cards.py), so a
+client sees how good each model is.
 """
 from __future__ import annotations
 
