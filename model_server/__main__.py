@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     flag("batching_parameters_file", "text-format BatchingParameters (needs --enable_batching)")
     flag("allow_version_labels_for_unavailable_models",
          "allow version_labels in the config at start-up (TF Serving rejects them otherwise)", boolean=True)
+    flag("enable_model_warmup", "replay each version's assets.extra/tf_serving_warmup_requests before it is "
+         "AVAILABLE", boolean=True, default="true")
     flag("saved_model_tags", "comma-separated MetaGraphDef tags to load", default="serve")
     flag("tensorflow_intra_op_parallelism", "TF intra-op threads (0 = TF's choice)", type=int, default="0")
     flag("tensorflow_inter_op_parallelism", "TF inter-op threads (0 = TF's choice)", type=int, default="0")
@@ -103,6 +105,7 @@ class ModelServerSettings:
     batching_parameters_file: str | None
     allow_version_labels_for_unavailable_models: bool
     saved_model_tags: tuple[str, ...]
+    enable_model_warmup: bool
     intra_op_threads: int
     inter_op_threads: int
     rest_api_port: int
@@ -121,6 +124,7 @@ class ModelServerSettings:
             batching_parameters_file=args.batching_parameters_file,
             allow_version_labels_for_unavailable_models=args.allow_version_labels_for_unavailable_models,
             saved_model_tags=tuple(t for t in args.saved_model_tags.split(",") if t),
+            enable_model_warmup=args.enable_model_warmup,
             intra_op_threads=args.tensorflow_intra_op_parallelism,
             inter_op_threads=args.tensorflow_inter_op_parallelism,
             rest_api_port=args.rest_api_port,
@@ -147,10 +151,15 @@ async def serve(settings: ModelServerSettings) -> None:
     from model_server.batch_scheduler import BatchScheduler
     from model_server.repository import ModelRepository
     from model_server.servicer import MODEL_SERVICE, PREDICTION_SERVICE, add_servicers
+    from model_server.warmup import run_warmup
 
     tf.config.threading.set_intra_op_parallelism_threads(settings.intra_op_threads)
     tf.config.threading.set_inter_op_parallelism_threads(settings.inter_op_threads)
-    repository = ModelRepository(plans, settings.saved_model_tags)
+    def warmup(servable, path):
+        return run_warmup(servable, path, settings.max_image_pixels)
+
+    repository = ModelRepository(plans, settings.saved_model_tags,
+                                 warmup if settings.enable_model_warmup else None)
     # One thread per in-flight call, like TF Serving's synchronous gRPC server.
     executor = ThreadPoolExecutor(max_workers=settings.server.max_concurrent_rpcs, thread_name_prefix="tf")
     server = GrpcServer("model_server", settings.server, [PREDICTION_SERVICE, MODEL_SERVICE])

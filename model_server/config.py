@@ -59,6 +59,18 @@ def load_model_server_config(path: str | Path) -> model_server_config_pb2.ModelS
     return read_text_proto(path, model_server_config_pb2.ModelServerConfig())
 
 
+def only_models(config: model_server_config_pb2.ModelServerConfig,
+                names: Sequence[str]) -> model_server_config_pb2.ModelServerConfig:
+    """A copy of `config` serving only the models `names` (each must be configured)."""
+    kept = [m for m in config.model_config_list.config if m.name in names]
+    missing = set(names) - {m.name for m in kept}
+    if missing:
+        raise ConfigError(f"no model(s) {sorted(missing)} in the config")
+    subset = model_server_config_pb2.ModelServerConfig()
+    subset.model_config_list.config.extend(kept)
+    return subset
+
+
 def single_model_config(name: str, base_path: str) -> model_server_config_pb2.ModelServerConfig:
     """What `--model_name/--model_base_path` mean to TF Serving (BuildSingleModelConfig)."""
     config = model_server_config_pb2.ModelServerConfig()

@@ -125,7 +125,12 @@ def predict(repository: ModelRepository, request: predict_pb2.PredictRequest,
             batcher: BatchScheduler | None = None, max_image_pixels: int = 0) -> predict_pb2.PredictResponse:
     if not request.HasField("model_spec"):
         raise InvalidArgument("Missing ModelSpec")
-    servable = repository.resolve(request.model_spec)
+    return run_predict(repository.resolve(request.model_spec), request, batcher, max_image_pixels)
+
+
+def run_predict(servable: Servable, request: predict_pb2.PredictRequest, batcher: BatchScheduler | None = None,
+                max_image_pixels: int = 0) -> predict_pb2.PredictResponse:
+    """Predict on one servable (predict_util.cc RunPredict); also what warm-up replays."""
     signature_name = request.model_spec.signature_name or DEFAULT_SIGNATURE
     signature = servable.signature_defs.get(signature_name)
     function = servable.functions.get(signature_name)

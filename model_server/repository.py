@@ -10,8 +10,10 @@ TF Serving's initial load does. Lookups raise the typed errors of
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -76,9 +78,11 @@ def load_servable(name: str, version: int, path: Path, tags: Sequence[str]) -> S
 class ModelRepository:
     """Servables by (name, version), their load states, and version labels."""
 
-    def __init__(self, plans: Sequence[ModelPlan], tags: Sequence[str] = ("serve",)) -> None:
+    def __init__(self, plans: Sequence[ModelPlan], tags: Sequence[str] = ("serve",),
+                 warmup: Callable[[Servable, Path], object] | None = None) -> None:
         self._plans = {plan.name: plan for plan in plans}
         self._tags = list(tags)
+        self._warmup = warmup  # run on each version after loading, before it is AVAILABLE
         self._lock = threading.Lock()
         self._servables: dict[tuple[str, int], Servable] = {}
         self._states = {plan.name: {v: VersionState() for v in plan.versions} for plan in plans}
@@ -88,10 +92,17 @@ class ModelRepository:
         return list(self._plans)
 
     def load_all(self) -> None:
-        """Load every aspired version (blocking; run it off the event loop)."""
-        for plan in self._plans.values():
-            for version in sorted(plan.versions):
-                self._load(plan, version)
+        """Load every aspired version, several at once (blocking; run it off the event loop).
+
+        As TF Serving's initial load (ServerCore::Options.num_initial_load_threads,
+        4 threads per CPU): a version that fails stops the start once the others
+        have been tried.
+        """
+        jobs = [(plan, version) for plan in self._plans.values() for version in sorted(plan.versions)]
+        threads = max(1, min(len(jobs), 4 * (os.cpu_count() or 1)))
+        with ThreadPoolExecutor(threads, thread_name_prefix="load") as pool:
+            for future in [pool.submit(self._load, plan, version) for plan, version in jobs]:
+                future.result()
 
     def _load(self, plan: ModelPlan, version: int) -> None:
         state = self._states[plan.name][version]
@@ -99,6 +110,8 @@ class ModelRepository:
         started = time.perf_counter()
         try:
             servable = load_servable(plan.name, version, plan.versions[version], self._tags)
+            if self._warmup is not None:
+                self._warmup(servable, plan.versions[version])
         except Exception as exc:
             state.state, state.error = State.END, f"{type(exc).__name__}: {exc}"
             raise LoadError(f"1 model(s) did not become available: {{{{name: {plan.name} version: {version}}} "

@@ -14,10 +14,13 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import grpc
+from google.protobuf import text_format
 
 from common import healthcheck
+from model_server.config import load_model_server_config, only_models
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVING_MODELS = ROOT / "serving_models"
@@ -123,12 +126,25 @@ def start_service(name: str, module: str, args: list[str], env: dict[str, str] |
 
 
 def start_model_server(log_dir: Path | None = None, port: int = 0, models: Path = SERVING_MODELS,
-                       env: dict[str, str] | None = None) -> ServiceProcess:
+                       env: dict[str, str] | None = None, only: Sequence[str] = ()) -> ServiceProcess:
+    """`only`: serve just these models of models.config (a test that restarts the model server and needs
+    the default model only need not wait for the others to load)."""
+    config = models / "models.config"
+    if only:
+        config = subset_config(config, only, Path(log_dir or tempfile.mkdtemp(prefix="carrecog-")))
     return start_service("model_server", "model_server", [
-        "--model_config_file", str(models / "models.config"),
+        "--model_config_file", str(config),
         "--model_base_path_prefix_map", f"/models={models}",
         "--enable_batching", "--batching_parameters_file", str(models / "batching_parameters.txt"),
     ], env=env, log_dir=log_dir, port=port)
+
+
+def subset_config(config: Path, names: Sequence[str], out_dir: Path) -> Path:
+    """A copy of the text-format ModelServerConfig `config` keeping only the models `names`."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"models-{'-'.join(names)}.config"
+    path.write_text(text_format.MessageToString(only_models(load_model_server_config(config), names)))
+    return path
 
 
 def start_logo_service(log_dir: Path | None = None, port: int = 0, env: dict[str, str] | None = None) -> ServiceProcess:

@@ -10,6 +10,7 @@ from carrecog.v1 import logo_service_pb2, logo_service_pb2_grpc
 from carrecog.v1 import recognition_service_pb2_grpc
 from common.data import data_dir
 from common.plugins import DEFAULT_PLUGINS_DIR, load_plugins
+from router_service.settings import DEFAULT_GLOBAL_MODEL
 from scripts.stack import start_logo_service, start_model_server, start_router
 from training.split import load_split
 
@@ -34,6 +35,10 @@ def logo_service(stack_logs):
     yield service
     service.stop()
 
+
+# Tests that start a model server of their own and need only the default model: the others take
+# about 20 s more to load and warm up.
+DEFAULT_MODEL_ONLY = (DEFAULT_GLOBAL_MODEL,)
 
 # The session's router sends every photo through the logo stage, so the logo routes can be tested
 # on any photo; the default policy (uncertain) has its own tests (tests/test_logo_policy.py).

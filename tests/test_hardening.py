@@ -24,7 +24,7 @@ from router_service.tf_serving import TfServingClient
 from scripts.stack import ROOT, start_logo_service, start_model_server, start_router
 from tests import images
 from tests.certs import make_certificates
-from tests.conftest import LOGO_ALWAYS
+from tests.conftest import DEFAULT_MODEL_ONLY, LOGO_ALWAYS
 from tests.test_faults import stub_for
 from tests.test_stack import recognize
 
@@ -180,7 +180,7 @@ def test_the_whole_chain_runs_on_mtls_and_binds_loopback(tmp_path, logo_hit):
                                  f"{prefix}_TLS_CLIENT_KEY": str(c / "client.key")}
     credentials = grpc.ssl_channel_credentials((c / "ca.pem").read_bytes(), (c / "client.key").read_bytes(),
                                                (c / "client.pem").read_bytes())
-    models = start_model_server(tmp_path, env=server_tls("MODEL_SERVER"))
+    models = start_model_server(tmp_path, env=server_tls("MODEL_SERVER"), only=DEFAULT_MODEL_ONLY)
     logo = start_logo_service(tmp_path, env=server_tls("LOGO"))
     router = None
     try:

@@ -22,8 +22,9 @@ import tensorflow as tf
 from google.protobuf.descriptor_pool import DescriptorPool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
-from tensorflow_serving.apis import (classification_pb2, get_model_metadata_pb2, get_model_status_pb2,
-                                     model_service_pb2_grpc, predict_pb2, prediction_service_pb2_grpc)
+from tensorflow_serving.apis import (classification_pb2, get_model_metadata_pb2, get_model_status_pb2, model_pb2,
+                                     model_service_pb2_grpc, predict_pb2, prediction_log_pb2,
+                                     prediction_service_pb2_grpc)
 
 from model_server.__main__ import build_parser
 from tests import images
@@ -32,6 +33,10 @@ from model_server.batching import BatchingParameters, read_batching_parameters
 from model_server.errors import InvalidArgument, Unavailable
 from model_server.config import (ConfigError, find_versions, load_model_server_config, local_base_path,
                                  parse_prefix_map, plan_models)
+from model_server import predict as predict_module, warmup as warmup_module
+from model_server.repository import LoadError, ModelRepository, read_meta_graph
+from model_server.warmup import WARMUP_FILE, run_warmup
+from training.warmup import write_warmup_requests
 
 REPO = Path(__file__).resolve().parents[1]
 PHOTOS = images.PHOTOS
@@ -425,3 +430,81 @@ def test_batch_scheduler_refuses_work_beyond_its_queue():
         assert (first.result()["y"].numpy().tolist(), second.result()["y"].numpy().tolist()) == ([1], [2])
     with pytest.raises(InvalidArgument, match="at least one dimension"):
         batcher.run("m", slow, {"x": tf.constant(1)})
+
+
+# SavedModel warm-up (assets.extra/tf_serving_warmup_requests), in process.
+
+def warmup_repository(tmp_path: Path, records: list | None = None) -> tuple[ModelRepository, Path]:
+    """A repository over one exported version of "cars", with warm-up; `records` replace the exported ones."""
+    export(tmp_path / "cars" / "1", [5.0, 0.0, 0.0])
+    version = tmp_path / "cars" / "1"
+    if records is None:
+        write_warmup_requests(version, "cars", ["serving_default", "top_label"])
+    else:
+        (version / WARMUP_FILE).parent.mkdir(parents=True, exist_ok=True)
+        with tf.io.TFRecordWriter(str(version / WARMUP_FILE)) as writer:
+            for record in records:
+                writer.write(record)
+    config = load_model_server_config_text(tmp_path, 'config { name: "cars" base_path: "/models/cars" '
+                                                     'model_platform: "tensorflow" }')
+    plans = plan_models(config, parse_prefix_map([f"/models={tmp_path}"]))
+    return ModelRepository(plans, warmup=run_warmup), version
+
+
+def load_model_server_config_text(tmp_path: Path, configs: str):
+    (tmp_path / "models.config").write_text(f"model_config_list {{ {configs} }}")
+    return load_model_server_config(tmp_path / "models.config")
+
+
+def test_warmup_records_are_replayed_before_the_version_is_available(tmp_path):
+    repository, version = warmup_repository(tmp_path)
+    replayed = []
+
+    def recording(servable, request, **kwargs):
+        replayed.append((request.model_spec.signature_name, repository.version_states("cars")[1].state))
+        return predict_module.run_predict(servable, request, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(warmup_module, "run_predict", recording)
+        repository.load_all()
+    loading = get_model_status_pb2.ModelVersionStatus.LOADING
+    assert sorted(replayed) == [("serving_default", loading), ("top_label", loading)]
+    assert repository.version_states("cars")[1].state == AVAILABLE
+    # the file is optional: a version without one loads as before
+    (version / WARMUP_FILE).unlink()
+    assert run_warmup(repository.resolve(model_pb2.ModelSpec(name="cars")), version) == 0
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("unknown signature", 'Serving signature key "nope" not found'),
+    ("classify log", "Unsupported log_type for warmup: classify_log"),
+    ("not a prediction log", "Failed to parse warmup record"),
+])
+def test_a_bad_warmup_record_fails_the_load_naming_why(tmp_path, kind, message):
+    request = predict_pb2.PredictRequest(model_spec=model_pb2.ModelSpec(name="cars", signature_name="nope"))
+    request.inputs["image_bytes"].CopyFrom(tf.make_tensor_proto([photos(1)[0]], dtype=tf.string))
+    record = {
+        "unknown signature": prediction_log_pb2.PredictionLog(
+            predict_log=prediction_log_pb2.PredictLog(request=request)).SerializeToString(),
+        "classify log": prediction_log_pb2.PredictionLog(
+            classify_log=prediction_log_pb2.ClassifyLog(request=classification_pb2.ClassificationRequest()))
+        .SerializeToString(),
+        "not a prediction log": b"\xff\xff not a protobuf",
+    }[kind]
+    repository, _ = warmup_repository(tmp_path, [record])
+    with pytest.raises(LoadError, match=message):
+        repository.load_all()
+    status = repository.version_states("cars")[1]
+    assert status.state == get_model_status_pb2.ModelVersionStatus.END and message in status.error
+
+
+def test_the_shipped_models_carry_warmup_records_for_every_signature():
+    # the router's discovery calls every signature; without these its first calls would pay the graph set-up
+    for version in sorted((REPO / "serving_models").glob("*/[0-9]*")):
+        path = version / WARMUP_FILE
+        assert path.is_file(), version
+        logs = [prediction_log_pb2.PredictionLog.FromString(r)
+                for r in tf.data.TFRecordDataset(str(path)).as_numpy_iterator()]
+        signatures = {log.predict_log.request.model_spec.signature_name for log in logs}
+        served = set(read_meta_graph(version, ["serve"]).signature_def) - {"__saved_model_init_op"}
+        assert signatures == served, version

@@ -52,14 +52,11 @@ async def _start_logo(executor: ThreadPoolExecutor) -> GrpcServer:
 
 
 async def _start_model_server(executor: ThreadPoolExecutor) -> GrpcServer:
-    from model_server.config import load_model_server_config, parse_prefix_map, plan_models
+    from model_server.config import load_model_server_config, only_models, parse_prefix_map, plan_models
     from model_server.repository import ModelRepository
     from model_server.servicer import MODEL_SERVICE, PREDICTION_SERVICE, add_servicers
 
-    config = load_model_server_config(SERVING_MODELS / "models.config")
-    keep = [c for c in config.model_config_list.config if c.name == "efficientnet_lite0"]
-    del config.model_config_list.config[:]
-    config.model_config_list.config.extend(keep)
+    config = only_models(load_model_server_config(SERVING_MODELS / "models.config"), ["efficientnet_lite0"])
     repository = ModelRepository(plan_models(config, parse_prefix_map([f"/models={SERVING_MODELS}"])))
     await asyncio.get_running_loop().run_in_executor(executor, repository.load_all)
     server = GrpcServer("model_server", ServerSettings(), [PREDICTION_SERVICE, MODEL_SERVICE])

@@ -47,6 +47,7 @@ from training.image_guard import check_image_sizes
 from training.metrics import expected_calibration_error, fit_temperature
 from training.split import Photo, data_dir, load_split, split_hash
 from training.train import load_checkpoint, machine
+from training.warmup import WARMED_SIGNATURE, write_warmup_requests
 
 ARCHITECTURE = {
     "resnet50": "keras.applications.ResNet50(weights=None, include_top=False, pooling='avg') "
@@ -301,6 +302,7 @@ def export_model(model: keras.Model, classes: list[data.ClassInfo], size: int, *
     }
     card["export"]["seconds"] = round(time.time() - t0, 1)
     (staging / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")
+    write_warmup_requests(staging, model_name, [WARMED_SIGNATURE])
     if force:
         shutil.rmtree(export_dir, ignore_errors=True)
     staging.rename(export_dir)

@@ -38,6 +38,7 @@ from training.export import (SignatureModule, dir_bytes, labels_asset_name, pred
                              topk_metrics)
 from training.split import load_split, split_hash
 from training.train import machine
+from training.warmup import WARMED_SIGNATURE, write_warmup_requests
 
 
 class LiteServable(SignatureModule):
@@ -173,6 +174,7 @@ def main(argv: list[str] | None = None) -> None:
         },
     }
     (staging / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")
+    write_warmup_requests(staging, args.model_name, [WARMED_SIGNATURE])
     if args.force:
         shutil.rmtree(export_dir, ignore_errors=True)
     staging.rename(export_dir)
