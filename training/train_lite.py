@@ -23,6 +23,12 @@ On the cached activations of the frozen lower blocks (`training.lite_features`):
 3. calibration: one temperature per head, fitted on val (negative log
    likelihood), folded into the layer's weights.
 
+--with-val trains the shipped model once the recipe is fixed on val: the val
+photos (their one cached view) join the train photos, with the same schedule in
+epochs. Val then measures nothing, so --temperatures-from RUN takes each head's
+temperature from RUN, the same recipe trained on train only, instead of fitting
+it on photos the model has seen; its val figures are marked as training data.
+
 Everything lands in the run folder: `top.weights.h5`, `heads.npz` and `lite.json`
 (classes, config, history, val/test metrics, commands, timings, machine), and
 `teacher.npz`: the global logits of every train photo, soft targets for
@@ -118,7 +124,14 @@ def train_global(run: Path, out: Path, cfg: dict, resume: bool) -> tuple[keras.M
         opt_head.apply_gradients(zip(grads[n:], head.trainable_variables))
         return loss
 
-    views, n = train_x.shape[0], train_x.shape[1]
+    views, n_train = train_x.shape[0], train_x.shape[1]
+    if cfg["with_val"]:  # val photos join with their one (plain) view
+        y_train = np.concatenate([y_train, y_val])
+
+    def example(i: int, view: int) -> np.ndarray:
+        return train_x[view, i] if i < n_train else val_x[0, i - n_train]
+
+    n = len(y_train)
     steps_per_epoch = n // cfg["batch"]
     total = steps_per_epoch * cfg["epochs"]
     while int(epoch) < cfg["epochs"]:
@@ -128,14 +141,15 @@ def train_global(run: Path, out: Path, cfg: dict, resume: bool) -> tuple[keras.M
         t0, losses = time.time(), []
         for s in range(steps_per_epoch):
             idx = np.sort(order[s * cfg["batch"] : (s + 1) * cfg["batch"]])
-            x = np.stack([train_x[pick[i], i] for i in idx]).astype(np.float32)
+            x = np.stack([example(i, pick[i]) for i in idx]).astype(np.float32)
             lr = cosine(e * steps_per_epoch + s, total, cfg["lr"], steps_per_epoch)
             losses.append(float(step(tf.constant(x), tf.constant(y_train[idx]), tf.constant(lr, tf.float32))))
             if s % 10 == 0 or s == steps_per_epoch - 1:
                 print(f"\repoch {e + 1}/{cfg['epochs']} step {s + 1}/{steps_per_epoch} loss {np.mean(losses):.3f} "
                       f"({(s + 1) * cfg['batch'] / (time.time() - t0):.0f} img/s)", end="", flush=True)
         val = topk_metrics(head(pooled(top, val_x[0])).numpy(), y_val)
-        history.append({"epoch": e + 1, "loss": float(np.mean(losses)), "val": val, "seconds": round(time.time() - t0, 1)})
+        history.append({"epoch": e + 1, "loss": float(np.mean(losses)), "val": val, "seconds": round(time.time() - t0, 1),
+                        **({"val_is_training_data": True} if cfg["with_val"] else {})})
         print(f"\nepoch {e + 1}: loss {np.mean(losses):.3f} val top1 {val['top1']:.3f} top5 {val['top5']:.3f}", flush=True)
         epoch.assign(e + 1)
         manager.save()
@@ -176,12 +190,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--brand-min-gain", type=float, default=None,
                    help="keep a tuned brand head whose val top-1 beats the restricted global layer by this much "
                         "(default: never keep one, see the module docstring)")
+    p.add_argument("--with-val", action="store_true",
+                   help="train on train + val (the shipped model, once the recipe is fixed on val)")
+    p.add_argument("--temperatures-from", default=None,
+                   help="run folder whose per-head temperatures to use instead of fitting them on val "
+                        "(needed with --with-val)")
     p.add_argument("--resume", action="store_true")
     args = p.parse_args(argv)
+    if args.with_val and not args.temperatures_from:
+        p.error("--with-val needs --temperatures-from: val can no longer calibrate a model trained on it")
     run = Path(args.run)
     out = Path(args.out or args.run)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = {k: v for k, v in vars(args).items() if k not in ("run", "out", "resume")}
+    cfg = {k: v for k, v in vars(args).items() if k not in ("run", "out", "resume", "temperatures_from")}
     t0 = time.time()
     top, head, history = train_global(run, out, cfg, args.resume)
     train_seconds = sum(h["seconds"] for h in history)
@@ -208,11 +229,22 @@ def main(argv: list[str] | None = None) -> None:
         local = {c: i for i, c in enumerate(members)}
         return features[mask], np.array([local[c] for c in labels[mask]])
 
+    borrowed = (json.loads((Path(args.temperatures_from) / "lite.json").read_text())["heads"]
+                if args.temperatures_from else None)
+
     def finish(name: str, kernel: np.ndarray, bias: np.ndarray, members: list[int], extra: dict) -> None:
-        """Fit the head's temperature on val, fold it into the layer, measure val and test."""
-        t = fit_temperature(restrict("val", members)[0] @ kernel + bias, restrict("val", members)[1])
+        """Fit the head's temperature on val (or take it from --temperatures-from), fold it into the layer,
+        measure val and test."""
+        if borrowed is not None:
+            t = borrowed[name]["temperature"]
+        else:
+            t = fit_temperature(restrict("val", members)[0] @ kernel + bias, restrict("val", members)[1])
         kernel, bias = kernel / t, bias / t
         metrics = {"temperature": t, **extra}
+        if borrowed is not None:
+            metrics["temperature_from"] = args.temperatures_from
+        if cfg["with_val"]:
+            metrics["val_is_training_data"] = True
         for split in ("val", "test"):
             features, y = restrict(split, members)
             logits = features @ kernel + bias
