@@ -1,10 +1,12 @@
 """The split keeps near-duplicates on one side, and the detector finds a recropped, recoloured copy."""
 from __future__ import annotations
 
+import dataclasses
+
 import cv2
 import numpy as np
 
-from training.near_duplicates import sift_features, similarity_inliers
+from training.near_duplicates import cross_class_pairs, sift_features, similarity_inliers
 from training.split import SPLIT_ORDER, keep_groups_together, load_split, near_duplicate_groups
 
 
@@ -44,3 +46,16 @@ def test_sift_links_a_recropped_recoloured_copy_but_not_another_photo_of_the_cla
     blank = np.full_like(original, 128)
     _write(tmp_path / "blank.jpg", blank)
     assert similarity_inliers(reference, sift_features(tmp_path / "blank.jpg")) == 0
+
+
+def test_cross_class_pass_links_the_same_photo_filed_under_another_class_only(tmp_path):
+    everyone = load_split()
+    first = everyone[0]
+    others = [p for p in everyone if p.class_id != first.class_id][:10]
+    original = cv2.imread(str(first.path))
+    h, w = original.shape[:2]
+    _write(tmp_path / "twin.jpg", cv2.resize(original[h // 12 :, : w - w // 12], None, fx=0.9, fy=0.9))
+    twin = dataclasses.replace(others[0], image_id="twin", path=tmp_path / "twin.jpg")  # another class's label
+    photos = [first, twin, *others]
+    pairs = cross_class_pairs(photos, min_inliers=60)
+    assert [(photos[i].image_id, photos[j].image_id) for i, j, _ in pairs] == [(first.image_id, "twin")]

@@ -1,6 +1,7 @@
 """Near-duplicate photos across the split: the same press photo recropped, rescaled or recoloured.
 
-    python -m training.near_duplicates [--threshold 8] [--sift-inliers 25] [--sheet runs/near_duplicates.png] [--write-groups]
+    python -m training.near_duplicates [--threshold 8] [--sift-inliers 25] [--cross-class-inliers 40]
+                                       [--sheet runs/near_duplicates.png] [--write-groups]
 
 Byte-identical files are already kept on one side of the split (training/split.py);
 near-duplicates are not, so a test photo can be a recrop of a train photo and flatter
@@ -14,12 +15,19 @@ the test figures. Two photos of the same class are linked when either test says 
   one similarity transform (RANSAC, 3 px), which is what a recrop plus a rescale is.
   A recolouring keeps the keypoints. It takes about 6 minutes on 2 cores.
 
-Both thresholds were checked by eye on sample pairs (`--sheet`): pHash pairs at 2 and 8
+- Across classes (`--cross-class-inliers`, 60): the same similarity test on the
+  candidates a FLANN vote over all photos' descriptors proposes; the same photo is
+  sometimes labelled as two classes (Audi A5 / S5 Coupe, Hummer H2 / H3T).
+
+The thresholds were checked by eye on sample pairs (`--sheet`): pHash pairs at 2 and 8
 bits are the same photo, at 10 bits mostly different photos of the same model from the
 same angle, at 12 bits all different. SIFT pairs with 35 or more inliers were all the
 same photo recropped or recoloured; from 25 to 34 about half were, the rest the same car
 from the same press shoot; from 15 to 24 almost all were different photos. 25 errs on the
-side of grouping: a false link only moves a photo into train.
+side of grouping: a false link only moves a photo into train. Across classes, where a
+false link would join two different cars, the bar is higher: of the 20 pairs with 40 or more
+inliers, the one at 47 was two cars shot from the same studio angle (Aston Martin Virage
+convertible and coupe), and every pair from 67 up was the same photo; 60 is the default.
 
 It writes `runs/near_duplicates.json`: the groups, and the test photos that have a
 near-duplicate in train or val. `--write-groups` stores the groups in
@@ -124,6 +132,46 @@ def sift_pairs(photos: list[Photo], min_inliers: int, workers: int = 2) -> list[
         return [pair for pairs in pool.imap_unordered(_class_sift_pairs, jobs) for pair in pairs]
 
 
+def _photo_features(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    cv2.setNumThreads(1)
+    return sift_features(path)
+
+
+def cross_class_pairs(photos: list[Photo], min_inliers: int, workers: int = 2, votes: int = 8,
+                      candidates: int = 3) -> list[tuple[int, int, int]]:
+    """(i, j, inliers) for photos of DIFFERENT classes related by a similarity transform.
+
+    The same press photo is sometimes labelled twice (Audi A5 and S5 Coupe, Hummer H2 and
+    H3T, ...), which the per-class tests cannot see. Comparing all pairs is too slow, so each
+    photo's SIFT descriptors vote, through one FLANN index over every photo's descriptors,
+    for the photos holding their nearest neighbours (ratio test 0.75); the `candidates` photos
+    of other classes with at least `votes` votes are then checked like the per-class pairs.
+    """
+    with Pool(workers) as pool:
+        features = pool.map(_photo_features, [p.path for p in photos], chunksize=32)
+    has = [i for i, (_, d) in enumerate(features) if d is not None and len(d) >= 2]
+    matcher = cv2.FlannBasedMatcher({"algorithm": 1, "trees": 4}, {"checks": 32})
+    matcher.add([features[i][1] for i in has])
+    matcher.train()
+    pairs = set()
+    for i in has:
+        tally: dict[int, int] = defaultdict(int)
+        for neighbours in matcher.knnMatch(features[i][1], k=3):
+            others = [m for m in neighbours if has[m.imgIdx] != i]
+            if len(others) >= 2 and others[0].distance < 0.75 * others[1].distance:
+                tally[has[others[0].imgIdx]] += 1
+        ranked = sorted((j for j in tally if tally[j] >= votes and photos[j].class_id != photos[i].class_id),
+                        key=lambda j: -tally[j])
+        for j in ranked[:candidates]:
+            pairs.add((min(i, j), max(i, j)))
+    found = []
+    for i, j in sorted(pairs):
+        n = similarity_inliers(features[i], features[j])
+        if n >= min_inliers:
+            found.append((i, j, n))
+    return found
+
+
 def groups_of(n: int, pairs: list[tuple[int, int, int]]) -> list[list[int]]:
     parent = list(range(n))
 
@@ -163,6 +211,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="most differing hash bits of a near-duplicate (8: checked by eye, see README)")
     parser.add_argument("--sift-inliers", type=int, default=25,
                         help="fewest keypoints one similarity transform must explain (25: checked by eye; 0: off)")
+    parser.add_argument("--cross-class-inliers", type=int, default=60,
+                        help="fewest similarity-transform matches linking photos of two classes (60: checked by "
+                             "eye; 0: off); about 12 minutes on 2 cores")
     parser.add_argument("--sheet", type=Path, help="write sample pairs per score to this PNG (and -sift.png)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--write-groups", action="store_true",
@@ -172,10 +223,12 @@ def main(argv: list[str] | None = None) -> None:
     plain, mirrored = hashes(photos)
     pairs = close_pairs(photos, plain, mirrored, args.threshold)
     matched = sift_pairs(photos, args.sift_inliers) if args.sift_inliers else []
+    crossed = cross_class_pairs(photos, args.cross_class_inliers) if args.cross_class_inliers else []
     if args.sheet:
         contact_sheet(photos, pairs, args.sheet, "d")
         contact_sheet(photos, matched, args.sheet.with_name(args.sheet.stem + "-sift.png"), "inliers")
-    groups = groups_of(len(photos), pairs + matched)
+        contact_sheet(photos, crossed, args.sheet.with_name(args.sheet.stem + "-cross.png"), "inliers")
+    groups = groups_of(len(photos), pairs + matched + crossed)
     straddling = [g for g in groups if len({photos[i].split for i in g}) > 1]
     leaked_test = sorted({photos[i].image_id for g in straddling for i in g if photos[i].split == "test"
                           and any(photos[k].split != "test" for k in g)})
@@ -184,6 +237,8 @@ def main(argv: list[str] | None = None) -> None:
         "phash_pairs": len(pairs),
         "phash_pairs_by_distance": {str(d): sum(p[2] == d for p in pairs) for d in range(args.threshold + 1)},
         "sift_pairs": len(matched),
+        "cross_class_inliers": args.cross_class_inliers,
+        "cross_class_pairs": [[photos[i].image_id, photos[j].image_id, n] for i, j, n in crossed],
         "groups": len(groups), "photos_in_groups": sum(len(g) for g in groups),
         "groups_straddling_splits": len(straddling),
         "test_photos_with_a_near_duplicate_in_train_or_val": leaked_test,
@@ -192,14 +247,16 @@ def main(argv: list[str] | None = None) -> None:
     if args.write_groups:
         NEAR_DUPLICATE_GROUPS.write_text(json.dumps({
             "method": f"same class, and pHash (photo or mirror image) at most {args.threshold} of 64 bits apart "
-                      f"or at least {args.sift_inliers} SIFT matches fitting one similarity transform",
+                      f"or at least {args.sift_inliers} SIFT matches fitting one similarity transform; any two "
+                      f"classes, at least {args.cross_class_inliers} such matches (FLANN-voted candidates)",
             "command": f"python -m training.near_duplicates --threshold {args.threshold} "
-                       f"--sift-inliers {args.sift_inliers} --write-groups",
+                       f"--sift-inliers {args.sift_inliers} --cross-class-inliers {args.cross_class_inliers} "
+                       "--write-groups",
             "groups": report["group_members"]}, indent=1) + "\n")
         print(f"wrote {NEAR_DUPLICATE_GROUPS}; the split keeps each group on one side from now on")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
-    print(json.dumps({k: v for k, v in report.items() if k not in ("group_members",
+    print(json.dumps({k: v for k, v in report.items() if k not in ("group_members", "cross_class_pairs",
                       "test_photos_with_a_near_duplicate_in_train_or_val")}))
     print(f"{len(leaked_test)} test photos have a near-duplicate in train or val; wrote {args.out}")
 
