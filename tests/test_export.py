@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from model_server.repository import load_servable
+from model_server.warmup import run_warmup
 from training import data, export
 from training.split import load_split
 from training.train import Config, build_model, compile_model, new_state, save_checkpoint
@@ -61,6 +63,9 @@ def test_tf_serving_layout(exported):
     assert (version_dir / "variables" / "variables.index").is_file()
     assert (version_dir / "assets" / "labels.txt").is_file()
     assert not (version_dir.parent / ".tmp-1").exists()
+    # warm-up records for every signature, which the model server replays while loading the version
+    servable = load_servable("tiny", 1, version_dir, ["serve"])
+    assert run_warmup(servable, version_dir) == len(servable.functions) == 2
     card = json.loads((version_dir / "model_card.json").read_text())
     assert card["num_classes"] == 4 and card["input_size"] == [SIZE, SIZE, 3]
     assert {"val", "test", "float16_vs_float32"} <= set(card["metrics"])

@@ -7,6 +7,7 @@ writes serving_models/<name>/<version>/
     assets/labels.txt            one "<make>|<model>|<year>" label per line, tracked by the SavedModel
     assets/labels_<slug>.txt     the same for each brand signature
     model_card.json              architecture, preprocessing, classes, split hash, metrics, how it was made
+    assets.extra/tf_serving_warmup_requests   one warm-up Predict per signature (training/warmup.py)
 
 Signature "serving_default" (the router and the model server rely on it):
     inputs   image_bytes    DT_STRING [-1]       encoded JPEG / PNG bytes, one per image
@@ -47,7 +48,7 @@ from training.image_guard import check_image_sizes
 from training.metrics import expected_calibration_error, fit_temperature
 from training.split import Photo, data_dir, load_split, split_hash
 from training.train import load_checkpoint, machine
-from training.warmup import WARMED_SIGNATURE, write_warmup_requests
+from training.warmup import write_warmup_requests
 
 ARCHITECTURE = {
     "resnet50": "keras.applications.ResNet50(weights=None, include_top=False, pooling='avg') "
@@ -302,7 +303,7 @@ def export_model(model: keras.Model, classes: list[data.ClassInfo], size: int, *
     }
     card["export"]["seconds"] = round(time.time() - t0, 1)
     (staging / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")
-    write_warmup_requests(staging, model_name, [WARMED_SIGNATURE])
+    write_warmup_requests(staging, model_name, sorted(heads))  # every signature: the router calls each
     if force:
         shutil.rmtree(export_dir, ignore_errors=True)
     staging.rename(export_dir)

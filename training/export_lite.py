@@ -6,6 +6,7 @@ writes serving_models/<name>/<version>/
     saved_model.pb, variables/   the trunk once (float32; ~15 MB) and every head
     assets/labels.txt            the global head's labels; assets/labels_<brand>.txt per brand head
     model_card.json              architecture, pretrained weights, classes, split hash, metrics, commands
+    assets.extra/tf_serving_warmup_requests   one warm-up Predict per signature (training/warmup.py)
 
 Signatures (all take and return what the router expects, see training/export.py):
     serving_default   the 196-class global classifier
@@ -38,7 +39,7 @@ from training.export import (SignatureModule, dir_bytes, labels_asset_name, pred
                              topk_metrics)
 from training.split import load_split, split_hash
 from training.train import machine
-from training.warmup import WARMED_SIGNATURE, write_warmup_requests
+from training.warmup import write_warmup_requests
 
 
 class LiteServable(SignatureModule):
@@ -174,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
         },
     }
     (staging / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")
-    write_warmup_requests(staging, args.model_name, [WARMED_SIGNATURE])
+    write_warmup_requests(staging, args.model_name, sorted(heads))  # every signature: the router calls each
     if args.force:
         shutil.rmtree(export_dir, ignore_errors=True)
     staging.rename(export_dir)

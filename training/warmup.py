@@ -26,9 +26,6 @@ from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
 
 WARMUP_FILE = Path("assets.extra") / "tf_serving_warmup_requests"
 INPUT_ALIAS = "image_bytes"
-# The exports warm only the signature every photo goes through: each signature's first call costs
-# about 1.3 s of load time here (v5 on 2 cores), and brand signatures answer only logo-gated photos.
-WARMED_SIGNATURE = "serving_default"
 
 
 def synthetic_jpeg(width: int = 400, height: int = 267) -> bytes:
