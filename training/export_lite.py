@@ -153,6 +153,9 @@ def main(argv: list[str] | None = None) -> None:
             for name, h in heads.items()
         },
         "split_hash": feats["split_hash"],
+        "trained_on": ("train + val (val photos in their plain view; each head's temperature taken from the "
+                       "train-only run named in its metrics, since val cannot calibrate a model trained on it)"
+                       if state["config"].get("with_val") else "train"),
         "training": {
             "commands": [
                 shlex.join(["python", "-m", "training.lite_features", "--variant", feats["variant"], "--size",
