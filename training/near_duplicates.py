@@ -39,7 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections import defaultdict
-from multiprocessing import Pool
+import multiprocessing
 from pathlib import Path
 
 import cv2
@@ -87,6 +87,12 @@ def close_pairs(photos: list[Photo], plain: np.ndarray, mirrored: np.ndarray, th
     return pairs
 
 
+def _pool(workers: int):
+    # spawn, not fork: a forked child of a process whose OpenCV or TensorFlow threads are running
+    # (a test session) can deadlock on a lock one of those threads held
+    return multiprocessing.get_context("spawn").Pool(workers)
+
+
 def sift_features(path: Path, nfeatures: int = 500) -> tuple[np.ndarray, np.ndarray | None]:
     """(keypoint positions [n, 2], descriptors [n, 128]) of a photo."""
     gray = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
@@ -128,7 +134,7 @@ def sift_pairs(photos: list[Photo], min_inliers: int, workers: int = 2) -> list[
     for i, photo in enumerate(photos):
         by_class[photo.class_id].append(i)
     jobs = [(members, [photos[i].path for i in members], min_inliers) for members in by_class.values()]
-    with Pool(workers) as pool:
+    with _pool(workers) as pool:
         return [pair for pairs in pool.imap_unordered(_class_sift_pairs, jobs) for pair in pairs]
 
 
@@ -147,7 +153,7 @@ def cross_class_pairs(photos: list[Photo], min_inliers: int, workers: int = 2, v
     for the photos holding their nearest neighbours (ratio test 0.75); the `candidates` photos
     of other classes with at least `votes` votes are then checked like the per-class pairs.
     """
-    with Pool(workers) as pool:
+    with _pool(workers) as pool:
         features = pool.map(_photo_features, [p.path for p in photos], chunksize=32)
     has = [i for i, (_, d) in enumerate(features) if d is not None and len(d) >= 2]
     matcher = cv2.FlannBasedMatcher({"algorithm": 1, "trees": 4}, {"checks": 32})
