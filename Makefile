@@ -143,7 +143,7 @@ train-lite: $(TRAIN_STAMP)
 	$(PY) -m training.export_lite --run $(LITE_RUN) --model-name efficientnet_lite0 --version $(VERSION)
 
 # The shipped model: the same recipe on train + val, calibrated with train-lite's temperatures (run
-# train-lite first). ~290 s per epoch (15: ~75 min). make train-lite-shipped VERSION=6
+# train-lite first). ~220 s per epoch alone (15: ~55 min). make train-lite-shipped VERSION=6
 train-lite-shipped: $(TRAIN_STAMP)
 	$(PY) -m training.train_lite --run $(LITE_RUN) --out $(LITE_RUN)-trainval --epochs $(EPOCHS) --with-val \
 		--temperatures-from $(LITE_RUN) --resume
