@@ -107,11 +107,12 @@ def test_photos():
 def logo_hit(logo_stub, plugins, test_photos):
     """A test-split photo on which the logo gate fires for a brand that has a model."""
     makes = {m: slug for slug, p in plugins.items() if p.model for m in p.makes}
-    for photo in [p for p in test_photos if p.make in makes][:150]:
+    # the gate fires on about 1 % of test photos (logo_service/calibration.json), so look at all of them
+    for photo in [p for p in test_photos if p.make in makes]:
         reply = logo_stub.MatchLogo(logo_service_pb2.MatchLogoRequest(image=photo.path.read_bytes()), timeout=30)
         if reply.matched:
             return photo, reply.best.brand
-    pytest.fail("the logo gate fired on none of 150 test photos of plugin brands")
+    pytest.fail("the logo gate fired on no test photo of a brand with a model")
 
 
 @pytest.fixture(scope="session")
@@ -129,8 +130,8 @@ def no_logo_photo(logo_stub, plugins, test_photos):
 def restricted_hit(logo_stub, plugins, test_photos):
     """A test-split photo on which the gate fires for a make whose plugin has no model (logo only)."""
     logo_only = {m: slug for slug, p in plugins.items() if not p.model for m in p.makes}
-    for photo in [p for p in test_photos if p.make in logo_only][:300]:
+    for photo in [p for p in test_photos if p.make in logo_only]:
         reply = logo_stub.MatchLogo(logo_service_pb2.MatchLogoRequest(image=photo.path.read_bytes()), timeout=30)
         if reply.matched and reply.best.brand == logo_only[photo.make]:
             return photo, reply.best.brand
-    pytest.fail("the logo gate fired on none of 300 test photos of logo-only makes")
+    pytest.fail("the logo gate fired on no test photo of a logo-only make")
