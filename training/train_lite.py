@@ -236,13 +236,11 @@ def main(argv: list[str] | None = None) -> None:
         """Fit the head's temperature on val (or take it from --temperatures-from), fold it into the layer,
         measure val and test."""
         if borrowed is not None:
-            t = borrowed[name]["temperature"]
+            t, source = borrowed[name]["temperature"], {"temperature_from": args.temperatures_from}
         else:
-            t = fit_temperature(restrict("val", members)[0] @ kernel + bias, restrict("val", members)[1])
+            t, source = fit_temperature(restrict("val", members)[0] @ kernel + bias, restrict("val", members)[1]), {}
         kernel, bias = kernel / t, bias / t
-        metrics = {"temperature": t, **extra}
-        if borrowed is not None:
-            metrics["temperature_from"] = args.temperatures_from
+        metrics = {"temperature": t, **source, **extra}
         if cfg["with_val"]:
             metrics["val_is_training_data"] = True
         for split in ("val", "test"):

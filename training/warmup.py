@@ -1,6 +1,6 @@
 """TF Serving warm-up records for an exported SavedModel.
 
-    python -m training.warmup serving_models/efficientnet_lite0/5 [--signature serving_default ...]
+    python -m training.warmup serving_models/global/1 [--signature serving_default ...]
 
 writes <export dir>/assets.extra/tf_serving_warmup_requests: a TFRecord of
 PredictionLog records, one PredictRequest per signature, each carrying one
@@ -24,7 +24,8 @@ import numpy as np
 import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
 
-WARMUP_FILE = Path("assets.extra") / "tf_serving_warmup_requests"
+from model_server.warmup import WARMUP_FILE  # where TF Serving and the stand-in look
+
 INPUT_ALIAS = "image_bytes"
 
 
