@@ -63,8 +63,31 @@ def class_index(photos) -> tuple[list[data.ClassInfo], dict[int, int]]:
 
 
 def smoothed_loss(logits: tf.Tensor, y: tf.Tensor, num_classes: int, smoothing: float) -> tf.Tensor:
-    target = tf.one_hot(y, num_classes) * (1 - smoothing) + smoothing / num_classes
+    return soft_loss(logits, tf.one_hot(y, num_classes), smoothing)
+
+
+def soft_loss(logits: tf.Tensor, target: tf.Tensor, smoothing: float) -> tf.Tensor:
+    """Cross-entropy against [N, C] target distributions, label-smoothed."""
+    target = target * (1 - smoothing) + smoothing / target.shape[-1]
     return tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(target, logits))
+
+
+def cutmix(x: np.ndarray, y: np.ndarray, num_classes: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """CutMix on cached activations [N, H, W, C]: a box of each example is replaced by the same box
+    of another example of the batch, and the target mixes both labels by the box's share of the map.
+
+    The box's share is drawn uniformly (Beta(1, 1)), as in the CutMix paper; the cached maps are
+    spatial (20 x 20 at 320 px for cut 11), so a box there covers a region of the photo."""
+    n, h, w = x.shape[:3]
+    share = rng.uniform()
+    box_h, box_w = int(round(h * np.sqrt(share))), int(round(w * np.sqrt(share)))
+    top, left = rng.integers(0, h - box_h + 1), rng.integers(0, w - box_w + 1)
+    other = rng.permutation(n)
+    mixed = x.copy()
+    mixed[:, top : top + box_h, left : left + box_w] = x[other, top : top + box_h, left : left + box_w]
+    pasted = box_h * box_w / (h * w)  # the share actually pasted, after rounding
+    eye = np.eye(num_classes, dtype=np.float32)
+    return mixed, (1 - pasted) * eye[y] + pasted * eye[y[other]]
 
 
 def cosine(step: int, total: int, peak: float, warmup: int) -> float:
@@ -112,12 +135,12 @@ def train_global(run: Path, out: Path, cfg: dict, resume: bool) -> tuple[keras.M
         print(f"resumed at epoch {int(epoch)}")
 
     @tf.function
-    def step(x, y, lr):
+    def step(x, target, lr):
         opt_top.learning_rate.assign(lr / 10)
         opt_head.learning_rate.assign(lr)
         with tf.GradientTape() as tape:
             logits = head(dropout(top(x, training=False), training=True))
-            loss = smoothed_loss(logits, y, len(classes), cfg["label_smoothing"])
+            loss = soft_loss(logits, target, cfg["label_smoothing"])
         grads = tape.gradient(loss, top.trainable_variables + head.trainable_variables)
         n = len(top.trainable_variables)
         opt_top.apply_gradients(zip(grads[:n], top.trainable_variables))
@@ -142,8 +165,11 @@ def train_global(run: Path, out: Path, cfg: dict, resume: bool) -> tuple[keras.M
         for s in range(steps_per_epoch):
             idx = np.sort(order[s * cfg["batch"] : (s + 1) * cfg["batch"]])
             x = np.stack([example(i, pick[i]) for i in idx]).astype(np.float32)
+            target = np.eye(len(classes), dtype=np.float32)[y_train[idx]]
+            if rng.uniform() < cfg.get("cutmix", 0.0):
+                x, target = cutmix(x, y_train[idx], len(classes), rng)
             lr = cosine(e * steps_per_epoch + s, total, cfg["lr"], steps_per_epoch)
-            losses.append(float(step(tf.constant(x), tf.constant(y_train[idx]), tf.constant(lr, tf.float32))))
+            losses.append(float(step(tf.constant(x), tf.constant(target), tf.constant(lr, tf.float32))))
             if s % 10 == 0 or s == steps_per_epoch - 1:
                 print(f"\repoch {e + 1}/{cfg['epochs']} step {s + 1}/{steps_per_epoch} loss {np.mean(losses):.3f} "
                       f"({(s + 1) * cfg['batch'] / (time.time() - t0):.0f} img/s)", end="", flush=True)
@@ -187,6 +213,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--label-smoothing", type=float, default=0.1)
     p.add_argument("--dropout", type=float, default=0.3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cutmix", type=float, default=0.0,
+                   help="share of batches mixed by CutMix on the cached activations (0: none)")
     p.add_argument("--brand-min-gain", type=float, default=None,
                    help="keep a tuned brand head whose val top-1 beats the restricted global layer by this much "
                         "(default: never keep one, see the module docstring)")
