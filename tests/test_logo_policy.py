@@ -64,3 +64,31 @@ def test_uncertain_threshold_decides_whether_the_logo_is_asked(make_router, logo
         reply = recognize(stub, logo_hit[0].path.read_bytes())
     assert reply.logo_consulted == consulted
     assert reply.route == (pb.ROUTE_BRAND_MODEL if consulted else pb.ROUTE_GLOBAL_MODEL), reply.route_detail
+
+
+def test_logo_reach_counts_what_the_matcher_sees_on_the_models_errors():
+    """training.logo_reach: an error is fixable only when the matcher verifies the true brand; a
+    corroborated gate fires only where the model gives the brand enough probability."""
+    from training.logo_reach import gate_row, reach
+
+    makes = ["Chevrolet", "GMC"]
+
+    def photo(make, truth, totals, candidates):
+        return {"make": make, "truth": truth, "totals": totals,
+                "candidates": [{"brand": b, "inliers": n, "makes": [b.upper() if b == "gmc" else "Chevrolet"],
+                                "brand_probability": p} for b, n, p in candidates]}
+
+    photos = [
+        photo("GMC", "gmc", [0.7, 0.3], [("gmc", 5, 0.3)]),  # model wrong, logo sees the truth: fixable
+        photo("GMC", "gmc", [0.9, 0.1], []),  # model wrong, no logo: not fixable
+        photo("Chevrolet", "chevrolet", [0.95, 0.05], [("gmc", 4, 0.05)]),  # right, a weak wrong logo
+        photo("Chevrolet", "chevrolet", [0.8, 0.2], [("chevrolet", 12, 0.8)]),
+    ]
+    r = reach(photos, makes)
+    assert (r["model_make_errors"], r["errors_with_true_brand_verified"], r["errors_with_true_brand_best"]) == (2, 1, 1)
+    assert r["true_brand_inliers_on_errors"] == [5]
+    alone = gate_row(photos, 4, 0.0, makes)
+    assert (alone["fired"], alone["right"], alone["always_policy_make_top1"]) == (3, 2, 0.5)
+    corroborated = gate_row(photos, 4, 0.1, makes)  # the 4-inlier GMC logo has only 0.05: not fired
+    assert (corroborated["fired"], corroborated["right"], corroborated["always_policy_make_top1"]) == (2, 2, 0.75)
+    assert gate_row(photos, 10, 0.0, makes)["fired"] == 1

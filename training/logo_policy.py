@@ -28,9 +28,8 @@ import numpy as np
 import tensorflow as tf
 
 from common.plugins import DEFAULT_PLUGINS_DIR, brand_for_make, load_plugins
-from router_service.routing import choose_answer
 from router_service.settings import DEFAULT_GLOBAL_MODEL, DEFAULT_LOGO_POLICY_FILE
-from router_service.tf_serving import Label, Prediction, make_index
+from router_service.tf_serving import Label, make_index
 from training.logo_calibrate import DEFAULT_OUT as LOGO_CALIBRATION
 from training.split import data_dir, load_split
 
@@ -44,22 +43,27 @@ def latest_version(model: str) -> Path:
     return max(versions, key=lambda p: int(p.name))
 
 
-def make_confidences(model_dir: Path, paths: list[Path], batch: int = 32) -> tuple[list[str], np.ndarray]:
-    """(answered make, make confidence) per photo, exactly as the router answers from this model."""
+def make_probabilities(model_dir: Path, paths: list[Path], batch: int = 32) -> tuple[list[str], np.ndarray]:
+    """(the model's makes, sorted; [photos, makes] each make's class probabilities summed), computed by
+    the served SavedModel from the photos' bytes, as the router sums them (`choose_answer`)."""
     serve = tf.saved_model.load(str(model_dir)).signatures["serving_default"]
-    makes, confidences, labels = [], [], None
+    totals, makes = [], None
     for start in range(0, len(paths), batch):
         chunk = [p.read_bytes() for p in paths[start:start + batch]]
         out = serve(image_bytes=tf.constant(chunk))
-        if labels is None:
+        if makes is None:
             labels = [Label.parse(x.decode()) for x in out["labels"].numpy()[0]]
-            index = make_index(labels)
-        for row in out["probabilities"].numpy():
-            best, confidence = choose_answer(Prediction(row, labels, 0, "serving_default", index))
-            makes.append(labels[best].make)
-            confidences.append(confidence)
+            index = make_index(labels)  # the index of each class's make among the sorted makes
+            makes = sorted({label.make for label in labels})
+        totals.extend(np.bincount(index, weights=row, minlength=len(makes)) for row in out["probabilities"].numpy())
         print(f"  {min(start + batch, len(paths))}/{len(paths)}", end="\r", file=sys.stderr, flush=True)
-    return makes, np.array(confidences)
+    return makes, np.array(totals)
+
+
+def make_confidences(model_dir: Path, paths: list[Path]) -> tuple[list[str], np.ndarray]:
+    """(answered make, make confidence) per photo, exactly as the router answers from this model."""
+    makes, totals = make_probabilities(model_dir, paths)
+    return [makes[i] for i in totals.argmax(1)], totals.max(1)
 
 
 def main(argv: list[str] | None = None) -> None:
