@@ -92,3 +92,4 @@ def test_logo_reach_counts_what_the_matcher_sees_on_the_models_errors():
     corroborated = gate_row(photos, 4, 0.1, makes)  # the 4-inlier GMC logo has only 0.05: not fired
     assert (corroborated["fired"], corroborated["right"], corroborated["always_policy_make_top1"]) == (2, 2, 0.75)
     assert gate_row(photos, 10, 0.0, makes)["fired"] == 1
+    assert gate_row(photos, 4, 0.0, makes, uncertain_below=0.85)["fired_under_uncertain_policy"] == 2  # 0.7, 0.8

@@ -10,7 +10,9 @@ On the cached activations of the frozen lower blocks (`training.lite_features`):
    196-class softmax layer, trained together. BatchNorm keeps its ImageNet
    statistics (inference mode) so what is trained is what is served; the new
    layer learns 10x faster than the pretrained blocks. Each epoch shows every
-   train photo once, in one of its cached views picked at random. Checkpoint
+   train photo once, in one of its cached views picked at random; --cutmix P
+   mixes a share P of the batches by CutMix on the cached activations (a box of
+   one photo's map pasted into another's, the labels mixed by area). Checkpoint
    after every epoch (tf.train.Checkpoint: weights, optimizers, epoch).
 2. brand heads: one softmax layer per brand plugin over its own classes, on the
    pooled 1280 features of the fine-tuned trunk (frozen), initialised from the
