@@ -157,6 +157,7 @@ def train_global(run: Path, out: Path, cfg: dict, resume: bool) -> tuple[keras.M
         return train_x[view, i] if i < n_train else val_x[0, i - n_train]
 
     n = len(y_train)
+    one_hot = np.eye(len(classes), dtype=np.float32)  # targets are distributions: CutMix mixes two labels
     steps_per_epoch = n // cfg["batch"]
     total = steps_per_epoch * cfg["epochs"]
     while int(epoch) < cfg["epochs"]:
@@ -167,8 +168,8 @@ def train_global(run: Path, out: Path, cfg: dict, resume: bool) -> tuple[keras.M
         for s in range(steps_per_epoch):
             idx = np.sort(order[s * cfg["batch"] : (s + 1) * cfg["batch"]])
             x = np.stack([example(i, pick[i]) for i in idx]).astype(np.float32)
-            target = np.eye(len(classes), dtype=np.float32)[y_train[idx]]
-            if rng.uniform() < cfg.get("cutmix", 0.0):
+            target = one_hot[y_train[idx]]
+            if cfg["cutmix"] and rng.uniform() < cfg["cutmix"]:
                 x, target = cutmix(x, y_train[idx], len(classes), rng)
             lr = cosine(e * steps_per_epoch + s, total, cfg["lr"], steps_per_epoch)
             losses.append(float(step(tf.constant(x), tf.constant(target), tf.constant(lr, tf.float32))))
