@@ -21,6 +21,7 @@ from training.export_lite import export_savedmodel
 from training.split import data_dir, load_split, split_hash
 
 SIZE = 64
+TEMPERATURES = {"serving_default": 0.8, "audi": 1.5}  # the ensemble's, one per signature
 SHIPPED_BASE = Path(__file__).resolve().parent.parent / "serving_models" / "efficientnet_lite0"
 # the version TF Serving serves: the highest numeric folder
 SHIPPED = max((p for p in SHIPPED_BASE.glob("*") if p.name.isdigit()), key=lambda p: int(p.name), default=SHIPPED_BASE)
@@ -54,7 +55,7 @@ def exported(tmp_path_factory):
     for part in (bottom, top, second_top):
         he_normal(part, rng)
     tops, heads = [top, second_top], [random_heads(rng), random_heads(rng)]
-    out = export_savedmodel(bottom, tops, heads, SIZE, tmp_path_factory.mktemp("lite") / "1")
+    out = export_savedmodel(bottom, tops, heads, SIZE, tmp_path_factory.mktemp("lite") / "1", TEMPERATURES)
     photos = [p for p in load_split() if p.split == "val"][:6]
     return out, tf.saved_model.load(str(out)), bottom, tops, heads, photos
 
@@ -72,7 +73,7 @@ def test_one_savedmodel_with_a_signature_per_head(exported):
 
 def test_in_graph_preprocessing_matches_training(exported):
     """Served probabilities from raw bytes == the training-time path (preprocess -> bottom -> each top and
-    head -> softmax), averaged over the ensemble's members."""
+    head -> softmax), averaged over the ensemble's members and tempered: softmax(log(mean) / T)."""
     _, loaded, bottom, tops, heads, photos = exported
     blobs = [p.path.read_bytes() for p in photos]
     images = np.stack([data.preprocess(tf.constant(b), SIZE).numpy() for b in blobs])
@@ -81,7 +82,8 @@ def test_in_graph_preprocessing_matches_training(exported):
     for name in heads[0]:
         members = [tf.nn.softmax(f @ h[name]["kernel"] + h[name]["bias"]).numpy() for f, h in zip(features, heads)]
         served = loaded.signatures[name](image_bytes=tf.constant(blobs))
-        assert np.abs(served["probabilities"].numpy() - np.mean(members, 0)).max() < 1e-4
+        expected = tf.nn.softmax(np.log(np.mean(members, 0)) / TEMPERATURES[name]).numpy()
+        assert np.abs(served["probabilities"].numpy() - expected).max() < 1e-4
         assert np.abs(members[0] - members[1]).max() > 1e-3  # the members differ: the mean is tested
         assert served["labels"].numpy()[0].astype(str).tolist() == heads[0][name]["labels"]
 

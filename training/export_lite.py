@@ -19,8 +19,12 @@ seven classifiers cost one trunk on disk and in memory.
 An ensemble: `--run A --run B` exports runs of the same variant, size and cut
 (e.g. the same recipe with and without CutMix) as one model. The frozen bottom
 is computed once; each run's fine-tuned top and head give calibrated
-probabilities, and every signature answers their mean. So a second member
-costs only the upper blocks, not a second trunk.
+probabilities, and every signature answers softmax(log(their mean) / T). So a
+second member costs only the upper blocks, not a second trunk. The mean of
+calibrated members is under-confident, hence T, one per signature: fitted on
+val when the runs were trained on train only, or, for runs trained on train +
+val, taken with --temperatures-from from their train-only twin's export (val
+cannot calibrate a model trained on it).
 """
 from __future__ import annotations
 
@@ -43,15 +47,18 @@ from training import data
 from training.efficientnet_lite import build_parts, load_imagenet_weights
 from training.export import (SignatureModule, dir_bytes, labels_asset_name, predict_files, signature_outputs,
                              topk_metrics)
+from training.metrics import fit_temperature
 from training.split import load_split, split_hash
 from training.train import machine
 from training.warmup import write_warmup_requests
 
 
 class LiteServable(SignatureModule):
-    """The frozen bottom, one fine-tuned top per ensemble member, one linear head per signature and member."""
+    """The frozen bottom, one fine-tuned top per ensemble member, one linear head per signature and member,
+    and for an ensemble one temperature per signature."""
 
-    def __init__(self, bottom: keras.Model, tops: list[keras.Model], heads: list[dict], size: int, assets_dir: Path):
+    def __init__(self, bottom: keras.Model, tops: list[keras.Model], heads: list[dict], size: int, assets_dir: Path,
+                 temperatures: dict[str, float] | None = None):
         super().__init__(name="lite")
         self.bottom, self.tops = bottom, tops
         labels = {n: list(h["labels"]) for n, h in heads[0].items()}
@@ -60,6 +67,9 @@ class LiteServable(SignatureModule):
                         for i, member in enumerate(heads)]
         self.biases = [{n: tf.Variable(h["bias"], trainable=False, name=f"{n}_bias_{i}") for n, h in member.items()}
                        for i, member in enumerate(heads)]
+        if len(tops) > 1:
+            self.temperatures = {n: tf.Variable((temperatures or {}).get(n, 1.0), trainable=False, dtype=tf.float32,
+                                                name=f"{n}_temperature") for n in labels}
         self._add_signatures(labels, assets_dir)
 
     def _serve(self, name: str, image_bytes: tf.Tensor) -> dict[str, tf.Tensor]:
@@ -67,21 +77,24 @@ class LiteServable(SignatureModule):
             shared = self.bottom(data.preprocess_batch(image_bytes, self._plain.size), training=False)
             members = [tf.nn.softmax(top(shared, training=False) @ kernels[name] + biases[name])
                        for top, kernels, biases in zip(self.tops, self.kernels, self.biases)]
-            return tf.add_n(members) / len(members)
+            if len(members) == 1:
+                return members[0]
+            mean = tf.add_n(members) / len(members)
+            return tf.nn.softmax(tf.math.log(tf.maximum(mean, 1e-30)) / self.temperatures[name])
 
         return signature_outputs(image_bytes, self._plain.labels[name], classify)
 
 
 def export_savedmodel(bottom: keras.Model, tops: list[keras.Model], heads: list[dict], size: int,
-                      export_dir: Path) -> Path:
+                      export_dir: Path, temperatures: dict[str, float] | None = None) -> Path:
     """heads: one dict per top, {signature name: {"kernel": [1280, C], "bias": [C], "labels": [C strings]}},
-    the same signatures and labels in each."""
+    the same signatures and labels in each; temperatures: an ensemble's, per signature (default 1)."""
     if len(tops) != len(heads) or any(
             {n: h["labels"] for n, h in member.items()} != {n: h["labels"] for n, h in heads[0].items()}
             for member in heads):
         raise ValueError("every ensemble member needs a head for the same signatures, with the same labels")
     with tempfile.TemporaryDirectory() as scratch:
-        return LiteServable(bottom, tops, heads, size, Path(scratch)).save(export_dir)
+        return LiteServable(bottom, tops, heads, size, Path(scratch), temperatures).save(export_dir)
 
 
 def load_run(run: Path) -> tuple[keras.Model, keras.Model, dict, dict]:
@@ -101,21 +114,38 @@ def load_run(run: Path) -> tuple[keras.Model, keras.Model, dict, dict]:
     return bottom, top, heads, state
 
 
+def photos_of(split: str, class_ids: list[int]) -> tuple[list, np.ndarray]:
+    """The split's photos of these classes, and their labels as indices into class_ids."""
+    index = {cid: i for i, cid in enumerate(class_ids)}
+    subset = [p for p in load_split() if p.split == split and p.class_id in index]
+    return subset, np.array([index[p.class_id] for p in subset])
+
+
 def measure(export_dir: Path, heads: dict) -> dict:
     """Val/test top-1/top-5 of every signature of the exported SavedModel on its own classes' photos."""
     loaded = tf.saved_model.load(str(export_dir))
-    photos = load_split()
     result = {}
     for name, head in heads.items():
-        index = {cid: i for i, cid in enumerate(head["class_ids"])}
         result[name] = {}
         for split in ("val", "test"):
-            subset = [p for p in photos if p.split == split and p.class_id in index]
-            probs = predict_files(loaded.signatures[name], subset)
-            result[name][split] = topk_metrics(probs, np.array([index[p.class_id] for p in subset]))
+            subset, y = photos_of(split, head["class_ids"])
+            result[name][split] = topk_metrics(predict_files(loaded.signatures[name], subset), y)
         print(f"{name}: val top1 {result[name]['val']['top1']:.3f} test top1 {result[name]['test']['top1']:.3f}",
               flush=True)
     return result
+
+
+def fit_ensemble_temperatures(export_dir: Path, heads: dict) -> dict[str, float]:
+    """Per signature, the T minimising the val NLL of softmax(log(p) / T), p the exported (T = 1) ensemble's
+    probabilities from the val photos' bytes."""
+    loaded = tf.saved_model.load(str(export_dir))
+    temperatures = {}
+    for name, head in heads.items():
+        subset, y = photos_of("val", head["class_ids"])
+        temperatures[name] = fit_temperature(np.log(np.maximum(predict_files(loaded.signatures[name], subset),
+                                                               1e-30)), y)
+        print(f"{name}: ensemble temperature {temperatures[name]:.3f} (val)", flush=True)
+    return temperatures
 
 
 def member_training(run: Path, state: dict) -> dict:
@@ -144,6 +174,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--version", type=int, required=True)
     p.add_argument("--base", default="serving_models")
     p.add_argument("--force", action="store_true", help="replace an existing version folder")
+    p.add_argument("--temperatures-from", type=Path, default=None,
+                   help="an exported ensemble (its version folder) whose per-signature temperatures to use: the "
+                        "train-only twin of runs trained on train + val")
     args = p.parse_args(argv)
 
     t0 = time.time()
@@ -162,15 +195,25 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"{export_dir} exists; versions are immutable (--force replaces it)")
     staging = export_dir.parent / f".tmp-{args.version}"  # renamed at the end: never half a version
     shutil.rmtree(staging, ignore_errors=True)
-    export_savedmodel(bottom, tops, member_heads, feats["size"], staging)
+    with_val = [s["config"].get("with_val") for s in states]
+    temperatures, temperatures_source = None, None
+    if len(runs) > 1 and args.temperatures_from:
+        temperatures = json.loads((args.temperatures_from / "model_card.json").read_text())["ensemble_temperatures"]
+        temperatures_source = f"taken from {args.temperatures_from}"
+    elif len(runs) > 1 and any(with_val):
+        raise SystemExit("runs trained on val need --temperatures-from: val can no longer calibrate them")
+    elif len(runs) > 1:  # export at T = 1, fit each signature's T on val, export again with it
+        export_savedmodel(bottom, tops, member_heads, feats["size"], staging)
+        temperatures, temperatures_source = fit_ensemble_temperatures(staging, heads), "fitted on val"
+        shutil.rmtree(staging)
+    export_savedmodel(bottom, tops, member_heads, feats["size"], staging, temperatures)
     current_hash = split_hash(load_split())
     if current_hash != feats["split_hash"]:
         print(f"WARNING: split hash changed since training: {feats['split_hash']} -> {current_hash}")
     served = measure(staging, heads)
     variant = feats["variant"].capitalize()
     ensemble = (f"; an ensemble of {len(runs)} runs: blocks {feats['cut']}.., the head conv and the heads trained "
-                "once per run, their softmax probabilities averaged" if len(runs) > 1 else "")
-    with_val = [s["config"].get("with_val") for s in states]
+                "once per run, their softmax probabilities averaged and tempered per signature (ensemble_temperatures)" if len(runs) > 1 else "")
     card = {
         "name": args.model_name,
         "version": args.version,
@@ -186,8 +229,9 @@ def main(argv: list[str] | None = None) -> None:
         "signatures": {
             name: {
                 "inputs": {"image_bytes": "DT_STRING [-1] encoded JPEG/PNG"},
-                "outputs": {"probabilities": "DT_FLOAT [-1, C] softmax (temperature-calibrated on val)"
-                                             + (", the mean of the members'" if len(runs) > 1 else ""),
+                "outputs": {"probabilities": "DT_FLOAT [-1, C] " + (
+                                "softmax(log(the mean of the members' calibrated probabilities) / T)"
+                                if len(runs) > 1 else "softmax (temperature-calibrated on val)"),
                             "labels": "DT_STRING [-1, C] '<make>|<model>|<year>'"},
                 "labels_asset": labels_asset_name(name),
                 "num_classes": len(h["labels"]),
@@ -198,6 +242,8 @@ def main(argv: list[str] | None = None) -> None:
             }
             for name, h in heads.items()
         },
+        **({"ensemble_temperatures": temperatures, "ensemble_temperatures_source": temperatures_source}
+           if len(runs) > 1 else {}),
         "split_hash": feats["split_hash"],
         "trained_on": ("train + val (val photos in their plain view; each head's temperature taken from the "
                        "train-only run named in its metrics, since val cannot calibrate a model trained on it)"
