@@ -1,6 +1,9 @@
 """Calibrate the router's `uncertain` logo policy on VAL photos: below which make confidence to run the logo stage.
 
-    python -m training.logo_policy [--out router_service/logo_policy.json]
+    python -m training.logo_policy [--out router_service/logo_policy.json] [--model-dir runs/efficientnet_lite0-7-trainonly]
+
+A model trained on train + val has seen val: calibrate with its train-only twin (--model-dir, the same
+recipe exported from the train-only runs), whose val confidences are those of unseen photos.
 
 The logo gate is chosen to be right at least 99 % of the time when it fires
 (logo_service/calibration.json). Where the global model is at least that sure
@@ -70,10 +73,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m training.logo_policy", description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=DEFAULT_GLOBAL_MODEL)
     parser.add_argument("--out", type=Path, default=DEFAULT_LOGO_POLICY_FILE)
+    parser.add_argument("--model-dir", type=Path, default=None,
+                        help="a SavedModel version folder (default: --model's served version); for a model "
+                             "trained on train + val, its train-only twin")
     args = parser.parse_args(argv)
     started = time.time()
     val = [p for p in load_split() if p.split == "val"]
-    model_dir = latest_version(args.model)
+    model_dir = args.model_dir or latest_version(args.model)
     answered, confidence = make_confidences(model_dir, [p.path for p in val])
     right = np.array([a == p.make for a, p in zip(answered, val)])
     plugins = load_plugins(DEFAULT_PLUGINS_DIR, data_dir(), check_logos=False)
@@ -105,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
         "val": {"photos": len(val), "model_make_accuracy": round(float(right.mean()), 4),
                 "gate_firings": int(logo_fired.sum()), "model_make_errors": int((~right).sum())},
         "candidates": table,
-        "model": f"{args.model} v{model_dir.name}",
+        "model": str(args.model_dir) if args.model_dir else f"{args.model} v{model_dir.name}",
         "command": "python -m training.logo_policy " + " ".join(argv if argv is not None else sys.argv[1:]),
         "seconds": round(time.time() - started, 1),
     }
