@@ -6,6 +6,7 @@ import json
 import signal
 import time
 
+import numpy as np
 import pytest
 
 from carrecog.v1 import recognition_service_pb2 as pb
@@ -73,8 +74,8 @@ def test_logo_reach_counts_what_the_matcher_sees_on_the_models_errors():
 
     makes = ["Chevrolet", "GMC"]
 
-    def photo(make, truth, totals, candidates):
-        return {"make": make, "truth": truth, "totals": totals,
+    def photo(make, truth, totals, candidates):  # totals as make_probabilities gives them: numpy rows
+        return {"make": make, "truth": truth, "totals": np.array(totals),
                 "candidates": [{"brand": b, "inliers": n, "makes": [b.upper() if b == "gmc" else "Chevrolet"],
                                 "brand_probability": p} for b, n, p in candidates]}
 
@@ -93,3 +94,4 @@ def test_logo_reach_counts_what_the_matcher_sees_on_the_models_errors():
     assert (corroborated["fired"], corroborated["right"], corroborated["always_policy_make_top1"]) == (2, 2, 0.75)
     assert gate_row(photos, 10, 0.0, makes)["fired"] == 1
     assert gate_row(photos, 4, 0.0, makes, uncertain_below=0.85)["fired_under_uncertain_policy"] == 2  # 0.7, 0.8
+    json.dumps(reach(photos, makes, uncertain_below=0.85))  # the report is written as JSON

@@ -53,7 +53,7 @@ def gate_row(photos: list[dict], min_inliers: int, corroboration: float, makes: 
         if best and best["inliers"] >= min_inliers and best["brand_probability"] >= corroboration:
             fired += 1
             right += best["brand"] == photo["truth"]
-            fired_uncertain += max(photo["totals"]) < uncertain_below
+            fired_uncertain += bool(max(photo["totals"]) < uncertain_below)  # totals are numpy rows: a Python int
             members = [i for i, m in enumerate(makes) if m in best["makes"]]
             if members:  # the global answer restricted to the brand's makes
                 answer = makes[max(members, key=lambda i: photo["totals"][i])]
