@@ -17,7 +17,7 @@ import tensorflow as tf
 from common.plugins import DEFAULT_PLUGINS_DIR, load_plugins
 from training import data
 from training.efficientnet_lite import build_parts, block_list
-from training.export_lite import export_savedmodel
+from training.export_lite import choose_temperatures, export_savedmodel
 from training.split import data_dir, load_split, split_hash
 
 SIZE = 64
@@ -93,6 +93,28 @@ def test_ensemble_members_must_agree_on_labels(exported, tmp_path):
     renamed = {**heads[1], "audi": {**heads[1]["audi"], "labels": ["Audi|B|2012", "Audi|A|2012"]}}
     with pytest.raises(ValueError, match="same labels"):
         export_savedmodel(bottom, tops, [heads[0], renamed], SIZE, tmp_path / "1")
+
+
+def test_ensemble_temperatures_never_fitted_on_val_the_members_trained_on(tmp_path):
+    train_only, trained_on_val = {"config": {"with_val": False}}, {"config": {"with_val": True}}
+    fits = []
+
+    def fit_on_val():
+        fits.append(1)
+        return {"serving_default": 0.9}
+
+    assert choose_temperatures([train_only], None, fit_on_val) == (None, None)  # one run: its heads' own
+    assert choose_temperatures([train_only, train_only], None, fit_on_val) == ({"serving_default": 0.9},
+                                                                             "fitted on val")
+    with pytest.raises(SystemExit, match="--temperatures-from"):
+        choose_temperatures([train_only, trained_on_val], None, fit_on_val)
+    assert len(fits) == 1
+    twin = tmp_path / "twin"
+    twin.mkdir()
+    (twin / "model_card.json").write_text(json.dumps({"ensemble_temperatures": TEMPERATURES}))
+    assert choose_temperatures([trained_on_val, trained_on_val], twin, fit_on_val) == (TEMPERATURES,
+                                                                                     f"taken from {twin}")
+    assert len(fits) == 1  # the twin's were used, val was not touched
 
 
 def test_empty_batch_and_bad_bytes(exported):

@@ -38,6 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Callable
 
 import keras
 import numpy as np
@@ -148,6 +149,22 @@ def fit_ensemble_temperatures(export_dir: Path, heads: dict) -> dict[str, float]
     return temperatures
 
 
+def choose_temperatures(states: list[dict], temperatures_from: Path | None,
+                        fit_on_val: Callable[[], dict[str, float]]) -> tuple[dict[str, float] | None, str | None]:
+    """(per-signature temperatures, where they came from) for an ensemble; (None, None) for one run.
+
+    Runs trained on train + val take their train-only twin's (`temperatures_from`): val cannot
+    calibrate a model that learnt from it, so fitting there is refused."""
+    if len(states) == 1:
+        return None, None
+    if temperatures_from:
+        card = json.loads((Path(temperatures_from) / "model_card.json").read_text())
+        return card["ensemble_temperatures"], f"taken from {temperatures_from}"
+    if any(s["config"].get("with_val") for s in states):
+        raise SystemExit("runs trained on val need --temperatures-from: val can no longer calibrate them")
+    return fit_on_val(), "fitted on val"
+
+
 def member_training(run: Path, state: dict) -> dict:
     """How one ensemble member was trained: commands, config, per-epoch history, machine."""
     feats = state["features"]
@@ -196,16 +213,14 @@ def main(argv: list[str] | None = None) -> None:
     staging = export_dir.parent / f".tmp-{args.version}"  # renamed at the end: never half a version
     shutil.rmtree(staging, ignore_errors=True)
     with_val = [s["config"].get("with_val") for s in states]
-    temperatures, temperatures_source = None, None
-    if len(runs) > 1 and args.temperatures_from:
-        temperatures = json.loads((args.temperatures_from / "model_card.json").read_text())["ensemble_temperatures"]
-        temperatures_source = f"taken from {args.temperatures_from}"
-    elif len(runs) > 1 and any(with_val):
-        raise SystemExit("runs trained on val need --temperatures-from: val can no longer calibrate them")
-    elif len(runs) > 1:  # export at T = 1, fit each signature's T on val, export again with it
+
+    def fit_on_val() -> dict[str, float]:  # export at T = 1, fit each signature's T on val
         export_savedmodel(bottom, tops, member_heads, feats["size"], staging)
-        temperatures, temperatures_source = fit_ensemble_temperatures(staging, heads), "fitted on val"
+        fitted = fit_ensemble_temperatures(staging, heads)
         shutil.rmtree(staging)
+        return fitted
+
+    temperatures, temperatures_source = choose_temperatures(states, args.temperatures_from, fit_on_val)
     export_savedmodel(bottom, tops, member_heads, feats["size"], staging, temperatures)
     current_hash = split_hash(load_split())
     if current_hash != feats["split_hash"]:
