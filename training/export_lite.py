@@ -293,7 +293,9 @@ def main(argv: list[str] | None = None) -> None:
         "split_hash": trained_hashes[0] if len(trained_hashes) == 1 else trained_hashes,
         "trained_on": ("train + val (val photos in their plain view; each head's temperature taken from the "
                        "train-only run named in its metrics, since val cannot calibrate a model trained on it)"
-                       if all(with_val) else "train" if not any(with_val) else "mixed: see training.members"),
+                       if all(with_val) else "train" if not any(with_val) else
+                       "per member: " + "; ".join(f"{run}: {'train + val' if v else 'train'}"
+                                                  for run, v in zip(runs, with_val))),
         "training": {"members": [member_training(run, state) for run, state in zip(runs, states)]},
         "export": {
             "command": shlex.join(["python", "-m", "training.export_lite", *(argv or sys.argv[1:])]),
