@@ -1,6 +1,6 @@
 """Calibrate the router's `uncertain` logo policy on VAL photos: below which make confidence to run the logo stage.
 
-    python -m training.logo_policy [--out router_service/logo_policy.json] [--model-dir runs/efficientnet_lite0-7-trainonly]
+    python -m training.logo_policy [--out router_service/logo_policy.json] [--model-dir runs/efficientnet_lite0-8-trainonly]
 
 A model trained on train + val has seen val: calibrate with its train-only twin (--model-dir, the same
 recipe exported from the train-only runs), whose val confidences are those of unseen photos.
