@@ -38,12 +38,16 @@ def he_normal(model, rng: np.random.Generator) -> None:
             weight.assign(rng.normal(0, np.sqrt(2 / fan_in), shape).astype(np.float32))
 
 
+GLOBAL_LABELS = ["Make|M0|2012", "Audi|A|2012", "Make|M2|2012", "Audi|B|2012", "Make|M4|2012"]
+AUDI = [1, 3]  # the Audi classes among the global ones
+
+
 def random_heads(rng: np.random.Generator) -> dict:
+    """A global head and an Audi head (for a single run: the global layer restricted to Audi's classes)."""
+    kernel, bias = rng.normal(0, 0.03, (1280, 5)).astype(np.float32), rng.normal(0, 1, 5).astype(np.float32)
     return {
-        "serving_default": {"kernel": rng.normal(0, 0.03, (1280, 5)).astype(np.float32),
-                            "bias": np.zeros(5, np.float32), "labels": [f"Make|M{i}|2012" for i in range(5)]},
-        "audi": {"kernel": rng.normal(0, 0.03, (1280, 2)).astype(np.float32),
-                 "bias": rng.normal(0, 1, 2).astype(np.float32), "labels": ["Audi|A|2012", "Audi|B|2012"]},
+        "serving_default": {"kernel": kernel, "bias": bias, "labels": GLOBAL_LABELS},
+        "audi": {"kernel": kernel[:, AUDI], "bias": bias[AUDI], "labels": [GLOBAL_LABELS[i] for i in AUDI]},
     }
 
 
@@ -70,7 +74,7 @@ def exported(tmp_path_factory):
 def test_one_savedmodel_with_a_signature_per_head(exported):
     out, loaded, *_ = exported
     assert set(loaded.signatures) == {"serving_default", "audi"}
-    assert (out / "assets" / "labels.txt").read_text().splitlines() == [f"Make|M{i}|2012" for i in range(5)]
+    assert (out / "assets" / "labels.txt").read_text().splitlines() == GLOBAL_LABELS
     assert (out / "assets" / "labels_audi.txt").read_text().splitlines() == ["Audi|A|2012", "Audi|B|2012"]
     for name, classes in (("serving_default", 5), ("audi", 2)):
         sig = loaded.signatures[name]
@@ -80,19 +84,34 @@ def test_one_savedmodel_with_a_signature_per_head(exported):
 
 def test_in_graph_preprocessing_matches_training(exported):
     """Served probabilities from raw bytes == the training-time path (preprocess -> each member's own bottom
-    and top, and head -> softmax), averaged over the ensemble's members and tempered: softmax(log(mean) / T)."""
+    and top, and global head -> softmax), averaged over the ensemble's members and tempered:
+    softmax(log(mean) / T); a brand signature restricts the mean to its classes before the temperature, so it
+    ranks them exactly as the global answer restricted to the brand."""
     _, loaded, bottom_11, bottom_6, tops, heads, photos = exported
     blobs = [p.path.read_bytes() for p in photos]
     images = np.stack([data.preprocess(tf.constant(b), SIZE).numpy() for b in blobs])
     features = [top(bottom(images, training=False), training=False).numpy()
                 for top, bottom in zip(tops, (bottom_11, bottom_6))]
-    for name in heads[0]:
-        members = [tf.nn.softmax(f @ h[name]["kernel"] + h[name]["bias"]).numpy() for f, h in zip(features, heads)]
+    members = [tf.nn.softmax(f @ h["serving_default"]["kernel"] + h["serving_default"]["bias"]).numpy()
+               for f, h in zip(features, heads)]
+    assert np.abs(members[0] - members[1]).max() > 1e-3  # the members differ: the mean is tested
+    mean = np.mean(members, 0)
+    audi_mean = mean[:, AUDI] / mean[:, AUDI].sum(1, keepdims=True)
+    for name, mean_of_its_classes in (("serving_default", mean), ("audi", audi_mean)):
         served = loaded.signatures[name](image_bytes=tf.constant(blobs))
-        expected = tf.nn.softmax(np.log(np.mean(members, 0)) / TEMPERATURES[name]).numpy()
+        expected = tf.nn.softmax(np.log(mean_of_its_classes) / TEMPERATURES[name]).numpy()
         assert np.abs(served["probabilities"].numpy() - expected).max() < 1e-4
-        assert np.abs(members[0] - members[1]).max() > 1e-3  # the members differ: the mean is tested
         assert served["labels"].numpy()[0].astype(str).tolist() == heads[0][name]["labels"]
+    served_audi = loaded.signatures["audi"](image_bytes=tf.constant(blobs))["probabilities"].numpy()
+    served_global = loaded.signatures["serving_default"](image_bytes=tf.constant(blobs))["probabilities"].numpy()
+    assert (served_audi.argmax(1) == served_global[:, AUDI].argmax(1)).all()  # never worse than global restricted
+
+
+def test_an_ensembles_brand_labels_must_be_global_classes(exported, tmp_path):
+    _, _, _, bottom, tops, heads, _ = exported
+    unknown = [{**h, "audi": {**h["audi"], "labels": ["Audi|A|2012", "Audi|Z|2012"]}} for h in heads]
+    with pytest.raises(ValueError, match="global classes"):
+        export_savedmodel(bottom, tops, unknown, SIZE, tmp_path / "1")
 
 
 def test_ensemble_members_must_agree_on_labels(exported, tmp_path):

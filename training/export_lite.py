@@ -18,16 +18,21 @@ seven classifiers cost one trunk on disk and in memory.
 
 An ensemble: `--run A --run B` exports runs of the same variant and size
 (e.g. the same recipe with and without CutMix) as one model. The frozen bottom
-is computed once; each run's fine-tuned top and head give calibrated
-probabilities, and every signature answers softmax(log(their mean) / T). So a
+is computed once; each run's fine-tuned top and global head give calibrated
+probabilities, and serving_default answers softmax(log(their mean) / T). So a
 second member costs only the upper blocks, not a second trunk. Runs may differ
 in their cut (the first fine-tuned block): the bottom then ends at the lowest
 cut, and the members fine-tuned from a later block share one "bridge", the
-ImageNet blocks between the two cuts, computed once per cut. The mean of
-calibrated members is under-confident, hence T, one per signature: fitted on
-val when the runs were trained on train only, or, for runs trained on train +
-val, taken with --temperatures-from from their train-only twin's export (val
-cannot calibrate a model trained on it).
+ImageNet blocks between the two cuts, computed once per cut.
+
+A brand signature of an ensemble is the members' mean restricted to the brand's
+classes and renormalised, then tempered with its own T, so it ranks the brand's
+classes exactly as the global answer restricted to the brand (averaging the
+members' own brand heads did not: one Chevrolet test photo worse in v8's first
+export). The mean of calibrated members is under-confident, hence T, one per
+signature: fitted on val when the runs were trained on train only, or, for runs
+trained on train + val, taken with --temperatures-from from their train-only
+twin's export (val cannot calibrate a model trained on it).
 """
 from __future__ import annotations
 
@@ -58,8 +63,11 @@ from training.warmup import write_warmup_requests
 
 
 class LiteServable(SignatureModule):
-    """The frozen bottom, the frozen bridges, one fine-tuned top per ensemble member, one linear head per
-    signature and member, and for an ensemble one temperature per signature."""
+    """The frozen bottom, the frozen bridges, one fine-tuned top per ensemble member, and the heads: one
+    run keeps a linear head per signature; an ensemble keeps each member's global head, answers a brand
+    signature with its global probabilities restricted to the brand's classes (so a brand signature
+    ranks exactly as the global answer restricted to the brand, never worse), and tempers each
+    signature with its own temperature."""
 
     def __init__(self, bottom: keras.Model, tops: list[keras.Model], heads: list[dict], size: int, assets_dir: Path,
                  temperatures: dict[str, float] | None = None, bridges: dict[int, keras.Model] | None = None,
@@ -69,7 +77,12 @@ class LiteServable(SignatureModule):
         self.bridges = {f"cut{c}": bridge for c, bridge in (bridges or {}).items()}
         labels = {n: list(h["labels"]) for n, h in heads[0].items()}
         entries = [f"cut{c}" if c in (bridges or {}) else None for c in (cuts or [None] * len(tops))]
-        self._plain = SimpleNamespace(size=size, labels=labels, entries=entries)  # not tracked
+        restrict = {}
+        if len(tops) > 1:  # brand signatures answer from the global heads
+            restrict = {n: [labels["serving_default"].index(label) for label in brand_labels]
+                        for n, brand_labels in labels.items() if n != "serving_default"}
+            heads = [{"serving_default": member["serving_default"]} for member in heads]
+        self._plain = SimpleNamespace(size=size, labels=labels, entries=entries, restrict=restrict)  # not tracked
         self.kernels = [{n: tf.Variable(h["kernel"], trainable=False, name=f"{n}_kernel_{i}") for n, h in member.items()}
                         for i, member in enumerate(heads)]
         self.biases = [{n: tf.Variable(h["bias"], trainable=False, name=f"{n}_bias_{i}") for n, h in member.items()}
@@ -83,12 +96,16 @@ class LiteServable(SignatureModule):
         def classify() -> tf.Tensor:
             shared = self.bottom(data.preprocess_batch(image_bytes, self._plain.size), training=False)
             bridged = {key: bridge(shared, training=False) for key, bridge in self.bridges.items()}
-            members = [tf.nn.softmax(top(bridged.get(entry, shared), training=False) @ kernels[name] + biases[name])
+            head = name if len(self.tops) == 1 else "serving_default"
+            members = [tf.nn.softmax(top(bridged.get(entry, shared), training=False) @ kernels[head] + biases[head])
                        for top, entry, kernels, biases in zip(self.tops, self._plain.entries, self.kernels,
                                                               self.biases)]
             if len(members) == 1:
                 return members[0]
             mean = tf.add_n(members) / len(members)
+            if name in self._plain.restrict:
+                mean = tf.gather(mean, self._plain.restrict[name], axis=1)
+                mean /= tf.maximum(tf.reduce_sum(mean, axis=1, keepdims=True), 1e-30)
             return tf.nn.softmax(tf.math.log(tf.maximum(mean, 1e-30)) / self.temperatures[name])
 
         return signature_outputs(image_bytes, self._plain.labels[name], classify)
@@ -105,6 +122,10 @@ def export_savedmodel(bottom: keras.Model, tops: list[keras.Model], heads: list[
             {n: h["labels"] for n, h in member.items()} != {n: h["labels"] for n, h in heads[0].items()}
             for member in heads):
         raise ValueError("every ensemble member needs a head for the same signatures, with the same labels")
+    if len(tops) > 1 and any(label not in heads[0]["serving_default"]["labels"]
+                             for member in heads[0].values() for label in member["labels"]):
+        raise ValueError("an ensemble's brand signatures answer from its global classes: every brand label "
+                         "must be one of serving_default's")
     with tempfile.TemporaryDirectory() as scratch:
         return LiteServable(bottom, tops, heads, size, Path(scratch), temperatures, bridges, cuts).save(export_dir)
 
