@@ -289,7 +289,8 @@ def main(argv: list[str] | None = None) -> None:
                       "the head conv fine-tuned, the blocks below it frozen",
         "parameters": int(bottom.count_params() + sum(b.count_params() for b in bridges.values()) +
                           sum(top.count_params() for top in tops) + sum(
-            h["kernel"].size + h["bias"].size for member in member_heads for h in member.values())),
+            h["kernel"].size + h["bias"].size for member in member_heads for n, h in member.items()
+            if len(runs) == 1 or n == "serving_default")),  # an ensemble keeps only the global heads
         "input_size": [feats["size"], feats["size"], 3],
         "preprocessing": {**data.PREPROCESSING, "size": feats["size"]},
         "weights_dtype": "float32",
@@ -297,8 +298,11 @@ def main(argv: list[str] | None = None) -> None:
             name: {
                 "inputs": {"image_bytes": "DT_STRING [-1] encoded JPEG/PNG"},
                 "outputs": {"probabilities": "DT_FLOAT [-1, C] " + (
+                                "softmax (temperature-calibrated on val)" if len(runs) == 1 else
                                 "softmax(log(the mean of the members' calibrated probabilities) / T)"
-                                if len(runs) > 1 else "softmax (temperature-calibrated on val)"),
+                                if name == "serving_default" else
+                                "softmax(log(the members' mean global probabilities restricted to the brand's "
+                                "classes, renormalised) / T)"),
                             "labels": "DT_STRING [-1, C] '<make>|<model>|<year>'"},
                 "labels_asset": labels_asset_name(name),
                 "num_classes": len(h["labels"]),
