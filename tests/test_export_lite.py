@@ -18,7 +18,7 @@ import tensorflow as tf
 from common.plugins import DEFAULT_PLUGINS_DIR, load_plugins
 from training import data
 from training.efficientnet_lite import build_parts, block_list
-from training.export_lite import bridge, choose_temperatures, export_savedmodel
+from training.export_lite import bridge, choose_temperatures, copy_weights_by_name, export_savedmodel
 from training.split import data_dir, load_split, split_hash
 
 SIZE = 64
@@ -60,9 +60,7 @@ def exported(tmp_path_factory):
     rng = np.random.default_rng(0)
     for part in (bottom_11, top, bottom, second_top):
         he_normal(part, rng)
-    for layer in bottom.layers:  # frozen blocks hold the same (ImageNet) weights in every run
-        if layer.weights:
-            layer.set_weights(bottom_11.get_layer(layer.name).get_weights())
+    copy_weights_by_name(bottom, bottom_11)  # frozen blocks hold the same (ImageNet) weights in every run
     bridges = {11: bridge("lite0", SIZE, 6, 11, bottom_11)}
     tops, heads = [top, second_top], [random_heads(rng), random_heads(rng)]
     out = export_savedmodel(bottom, tops, heads, SIZE, tmp_path_factory.mktemp("lite") / "1", TEMPERATURES,

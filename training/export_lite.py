@@ -130,14 +130,18 @@ def export_savedmodel(bottom: keras.Model, tops: list[keras.Model], heads: list[
         return LiteServable(bottom, tops, heads, size, Path(scratch), temperatures, bridges, cuts).save(export_dir)
 
 
+def copy_weights_by_name(target: keras.Model, source: keras.Model) -> keras.Model:
+    """Every layer of `target` that has weights takes those of the same-named layer of `source`."""
+    for layer in target.layers:
+        if layer.weights:
+            layer.set_weights(source.get_layer(layer.name).get_weights())
+    return target
+
+
 def bridge(variant: str, size: int, start: int, end: int, imagenet_bottom: keras.Model) -> keras.Model:
     """Blocks start..end-1 with the ImageNet weights, copied from a bottom that holds them (frozen
     blocks are the same in every run)."""
-    span = build_span(variant, size, start, end)
-    for layer in span.layers:
-        if layer.weights:
-            layer.set_weights(imagenet_bottom.get_layer(layer.name).get_weights())
-    return span
+    return copy_weights_by_name(build_span(variant, size, start, end), imagenet_bottom)
 
 
 def load_run(run: Path) -> tuple[keras.Model, keras.Model, dict, dict]:
