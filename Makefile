@@ -149,7 +149,7 @@ train-lite: $(TRAIN_STAMP)
 
 # The shipped model (v8): the CutMix run again on train + val, its heads and the ensemble calibrated with the
 # temperatures of the train-only twin (run train-lite first; TWIN: its export); the cut-6 member is the
-# train-only run (its train + val run did not fit the session, README). ~220-250 s per epoch alone (~1 h).
+# train-only run (its train + val run, the v9 candidate, was not shipped: README). ~220-250 s per epoch alone (~1 h).
 # make train-lite-shipped VERSION=8 TWIN=runs/efficientnet_lite0-8-trainonly
 train-lite-shipped: $(TRAIN_STAMP)
 	@test -n "$(TWIN)" || { echo "TWIN=<train-lite's export folder> is required"; exit 2; }
