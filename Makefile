@@ -182,7 +182,7 @@ gpu-pack: $(STAMP)
 train-gpu:
 	$(GPU_PYTHON) -m training.resnet_torch --pack $(GPU_PACK) --out $$OUT --size 224 --batch 256 --minutes $(GPU_MINUTES) --workers 14 $(GPU_TRAIN_ARGS)
 
-gpu-import: $(TRAIN_STAMP)
+gpu-import: protos $(TRAIN_STAMP)
 	$(PY) -m training.resnet_keras import --weights $(WEIGHTS) --version $(VERSION) --brand-signatures
 
 clean:
