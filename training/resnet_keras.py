@@ -37,7 +37,7 @@ from training.resnet_torch import LAYERS, read_weights
 
 BN_EPSILON = 1e-5
 ARCHITECTURE = ("ResNet50 (torchvision v1.5 layout: stride on the 3x3 conv, no conv biases) trained from random init "
-                "on an H100 with training.resnet_torch, distilled from efficientnet_lite0; rebuilt in Keras by "
+                "on a GPU (the card's training.machine names it), distilled from efficientnet_lite0; rebuilt in Keras by "
                 "training.resnet_keras + Dense(C, softmax)")
 
 
@@ -167,14 +167,20 @@ def parity(state: dict[str, np.ndarray], photos: list, size: int) -> dict:
 
 def import_run(weights: Path, version: int, model_name: str = "global", base: str = "serving_models",
                brand_signatures: bool = True, force: bool = False, argv: list[str] | None = None,
-               parity_photos: int = 4) -> tuple[Path, dict]:
+               parity_photos: int = 4, arch: str | None = None) -> tuple[Path, dict]:
+    """arch None: a training.resnet_torch run (weights.part*.npz); "resnet50": that network of a
+    training.gpu_train run (resnet50.part*.npz)."""
     from training import data
     from training.export import export_model
+    from training.gpu_train import read_network, training_record
     from training.split import load_split
 
     t0 = time.time()
-    history = json.loads((Path(weights) / "history.json").read_text())
-    state = read_weights(Path(weights))
+    if arch:
+        state, history = read_network(Path(weights), arch)
+    else:
+        history = json.loads((Path(weights) / "history.json").read_text())
+        state = read_weights(Path(weights))
     classes = [data.ClassInfo(c["class_id"], c["make"], c["model"], c["year"]) for c in history["classes"]]
     size = history["preprocessing"]["size"]
     model = build_model(size, len(classes))
@@ -186,8 +192,24 @@ def import_run(weights: Path, version: int, model_name: str = "global", base: st
           f"(max |logit| {check['max_abs_logit']:.1f}), top-1 agreement {check['top1_agreement']:.2f}", flush=True)
     if check["max_abs_logit_diff"] > 1e-2 * max(1.0, check["max_abs_logit"]):
         raise SystemExit("the Keras replica does not match the PyTorch model: not exporting")
+    if arch:
+        training = {**training_record(history, arch), "keras_vs_torch": check}
+    else:
+        training = resnet_torch_record(history, check)
+    preprocessing = {**data.PREPROCESSING, "size": size, "training_augmentation": history["preprocessing"]["train"]}
+    return export_model(
+        model, classes, size, model_name=model_name, version=version, base=base,
+        brand_signatures=brand_signatures, force=force, architecture=ARCHITECTURE, preprocessing=preprocessing,
+        scope="all classes" if len(classes) == 196 else f"{len(classes)} classes (a dry run's subset)",
+        trained_split_hash=history["split_hash"], training=training,
+        command=shlex.join([Path(sys.executable).name, "-m", "training.resnet_keras", *(argv or sys.argv[1:])]),
+        t0=t0)
+
+
+def resnet_torch_record(history: dict, check: dict) -> dict:
+    """What a model card says about a training.resnet_torch run."""
     rows = history["history"]
-    training = {
+    return {
         "command": history["command"],
         "commands": history["commands"],
         "config": history["args"],
@@ -202,14 +224,6 @@ def import_run(weights: Path, version: int, model_name: str = "global", base: st
         "finished_schedule": history["final"],
         "keras_vs_torch": check,
     }
-    preprocessing = {**data.PREPROCESSING, "size": size, "training_augmentation": history["preprocessing"]["train"]}
-    return export_model(
-        model, classes, size, model_name=model_name, version=version, base=base,
-        brand_signatures=brand_signatures, force=force, architecture=ARCHITECTURE, preprocessing=preprocessing,
-        scope="all classes" if len(classes) == 196 else f"{len(classes)} classes (a dry run's subset)",
-        trained_split_hash=history["split_hash"], training=training,
-        command=shlex.join([Path(sys.executable).name, "-m", "training.resnet_keras", *(argv or sys.argv[1:])]),
-        t0=t0)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -221,6 +235,8 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("photos", nargs="*")
     i = sub.add_parser("import", help="export a GPU run's weights as a SavedModel")
     i.add_argument("--weights", required=True, help="folder with weights.part*.npz + history.json")
+    i.add_argument("--arch", default=None, choices=("resnet50",),
+                   help="read that network of a training.gpu_train run (default: a training.resnet_torch run)")
     i.add_argument("--version", type=int, required=True)
     i.add_argument("--model-name", default="global")
     i.add_argument("--base", default="serving_models")
@@ -239,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(parity(state, photos, size)))
     else:
         import_run(Path(args.weights), args.version, args.model_name, args.base, args.brand_signatures, args.force,
-                   argv)
+                   argv, arch=args.arch)
 
 
 if __name__ == "__main__":

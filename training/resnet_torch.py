@@ -318,8 +318,8 @@ def float16_state(model: nn.Module) -> dict[str, np.ndarray]:
     return state
 
 
-def write_weights(out: Path, state: dict[str, np.ndarray], chunk_mib: float) -> list[dict]:
-    """The state_dict as weights.part00.npz, ... of at most chunk_mib each; returns [{file, sha256, keys}]."""
+def write_weights(out: Path, state: dict[str, np.ndarray], chunk_mib: float, prefix: str = "weights") -> list[dict]:
+    """The state_dict as <prefix>.part00.npz, ... of at most chunk_mib each; returns [{file, sha256, keys}]."""
     limit = chunk_mib * 2**20 - 64 * 1024  # room for the npz headers
     chunks, current, size = [], {}, 0
     for k, a in state.items():
@@ -331,24 +331,26 @@ def write_weights(out: Path, state: dict[str, np.ndarray], chunk_mib: float) -> 
     chunks.append(current)
     parts = []
     for i, chunk in enumerate(chunks):
-        name = f"weights.part{i:02d}.npz"
+        name = f"{prefix}.part{i:02d}.npz"
         buf = io.BytesIO()
         np.savez(buf, **chunk)
         _atomic_write(out / name, buf.getvalue())
         parts.append({"file": name, "sha256": hashlib.sha256(buf.getvalue()).hexdigest(), "keys": len(chunk)})
-    for stale in out.glob("weights.part*.npz"):
+    for stale in out.glob(f"{prefix}.part*.npz"):
         if stale.name not in {p["file"] for p in parts}:
             stale.unlink()
     return parts
 
 
-def read_weights(folder: Path) -> dict[str, np.ndarray]:
-    """Reassemble weights.part*.npz (checked against history.json's sha256 where it lists them)."""
+def read_weights(folder: Path, prefix: str = "weights", listed: list[dict] | None = None) -> dict[str, np.ndarray]:
+    """Reassemble <prefix>.part*.npz, checked against `listed` ([{file, sha256}], default: history.json's
+    "weights" for this module's runs) where there is such a list."""
     folder = Path(folder)
-    listed = json.loads((folder / "history.json").read_text()).get("weights") if (folder / "history.json").exists() else None
-    files = [p["file"] for p in listed] if listed else sorted(f.name for f in folder.glob("weights.part*.npz"))
+    if listed is None and prefix == "weights" and (folder / "history.json").exists():
+        listed = json.loads((folder / "history.json").read_text()).get("weights")
+    files = [p["file"] for p in listed] if listed else sorted(f.name for f in folder.glob(f"{prefix}.part*.npz"))
     if not files:
-        raise SystemExit(f"no weights.part*.npz in {folder}")
+        raise SystemExit(f"no {prefix}.part*.npz in {folder}")
     state = {}
     for i, name in enumerate(files):
         blob = (folder / name).read_bytes()
