@@ -18,7 +18,8 @@ from tensorflow.core.framework import tensor_pb2, types_pb2
 from tensorflow.core.protobuf import error_codes_pb2, meta_graph_pb2
 from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2, predict_pb2
 
-from common.images import image_size, too_many_pixels
+from common.image_headers import claimed_size
+from common.images import too_many_pixels
 from model_server.batch_scheduler import BatchScheduler
 from model_server.errors import FailedPrecondition, InvalidArgument, NotFound
 from model_server.repository import ModelRepository, Servable
@@ -105,20 +106,23 @@ def _output_aliases(signature: meta_graph_pb2.SignatureDef, request: predict_pb2
 
 
 def check_image_sizes(feeds: dict[str, tf.Tensor], max_pixels: int) -> None:
-    """Refuse an encoded JPEG/PNG in a string input whose header claims more than `max_pixels`.
+    """Refuse an encoded image in a string input whose headers claim more than `max_pixels`.
 
     Not TF Serving behaviour: its graphs decode whatever they are sent, so the
     SavedModels carry the same check in-graph (training.image_guard). Here it
     costs a header read per image and refuses a decompression bomb before
     TensorFlow allocates its pixels, also for models exported without the guard.
+    The headers are read as leniently as the decoders read them
+    (common.image_headers): bytes after the image, or a truncated body, do not
+    hide its size.
     """
     for alias, tensor in feeds.items():
         if tensor.dtype != tf.string or not max_pixels:
             continue
         for position, value in enumerate(tensor.numpy().ravel()):
-            size = image_size(value) if isinstance(value, bytes) else None
-            if size is not None and size[0] * size[1] > max_pixels:
-                raise InvalidArgument(f"{alias}[{position}]: {too_many_pixels(*size, max_pixels)}")
+            claim = claimed_size(value) if isinstance(value, bytes) else None
+            if claim is not None and claim.pixels > max_pixels:
+                raise InvalidArgument(f"{alias}[{position}]: {too_many_pixels(claim, max_pixels)}")
 
 
 def predict(repository: ModelRepository, request: predict_pb2.PredictRequest,
