@@ -13,8 +13,12 @@ batching_util/basic_batch_scheduler.h), with its parameters and defaults:
 - more than `max_enqueued_batches` batches waiting -> UNAVAILABLE; one call with
   more rows than `max_batch_size` -> INVALID_ARGUMENT (run alone instead when
   `enable_large_batch_splitting` is set);
-- as in TF Serving, an error while running a batch (e.g. one undecodable image)
-  fails every call in that batch.
+- unlike TF Serving, one caller's bad input never fails the others: when a
+  merged batch fails with INVALID_ARGUMENT (e.g. one undecodable image, or
+  one over the in-graph pixel bound), it is split in halves and each half run
+  again, down to single calls, so only the calls whose input is at fault get
+  the error (a batch of n calls with one bad one costs about 2 log2(n) extra
+  runs, all smaller); any other error fails every call of the batch.
 
 Each batch's size (rows before padding) goes to the histogram
 carrecog_model_server_batch_size{model} (common.metrics).
@@ -135,30 +139,45 @@ class BatchScheduler:
 
     def _run(self, function: Function, batch: list[_Task], rows: int) -> None:
         try:
-            feeds = {}
-            for alias in batch[0].feeds:
-                parts = [task.feeds[alias] for task in batch]
-                if len({tuple(part.shape[1:]) for part in parts}) > 1:
-                    raise InvalidArgument(
-                        f"Tensors with name '{alias}' from different tasks have different shapes and padding is "
-                        "turned off. Set pad_variable_length_inputs to true, or ensure that all tensors with the "
-                        "same name have equal dimensions starting with the first dim.")
-                merged = tf.concat(parts, axis=0) if len(parts) > 1 else parts[0]
-                padding = self._padded(rows) - rows
-                if padding:
-                    merged = tf.concat([merged, tf.repeat(merged[:1], padding, axis=0)], axis=0)
-                feeds[alias] = merged
-            outputs = function(**feeds)
-            for alias, tensor in outputs.items():
-                if tensor.shape.rank == 0 or tensor.shape[0] != self._padded(rows):
-                    raise InvalidArgument(f"Batched output tensor '{alias}' has 0th dimension "
-                                          f"{tensor.shape[0] if tensor.shape.rank else 'none'}, not the batch "
-                                          f"size {self._padded(rows)}; this signature cannot be batched")
-            offset = 0
-            for task in batch:
-                task.future.set_result({alias: tensor[offset:offset + task.size] for alias, tensor in outputs.items()})
-                offset += task.size
+            outputs = self._run_merged(function, batch, rows)
+        except tf.errors.InvalidArgumentError as exc:
+            if len(batch) == 1:
+                batch[0].future.set_exception(exc)
+                return
+            # Some call's input is at fault, not the batch: find it by halves, so the others get answers.
+            half = len(batch) // 2
+            for part in (batch[:half], batch[half:]):
+                self._run(function, part, sum(task.size for task in part))
+            return
         except BaseException as exc:  # every call of a failed batch gets its error, as in TF Serving
             for task in batch:
                 if not task.future.done():
                     task.future.set_exception(exc)
+            return
+        offset = 0
+        for task in batch:
+            task.future.set_result({alias: tensor[offset:offset + task.size] for alias, tensor in outputs.items()})
+            offset += task.size
+
+    def _run_merged(self, function: Function, batch: list[_Task], rows: int) -> Mapping[str, tf.Tensor]:
+        """The outputs of `function` on the batch's inputs, merged and padded."""
+        feeds = {}
+        for alias in batch[0].feeds:
+            parts = [task.feeds[alias] for task in batch]
+            if len({tuple(part.shape[1:]) for part in parts}) > 1:
+                raise InvalidArgument(
+                    f"Tensors with name '{alias}' from different tasks have different shapes and padding is "
+                    "turned off. Set pad_variable_length_inputs to true, or ensure that all tensors with the "
+                    "same name have equal dimensions starting with the first dim.")
+            merged = tf.concat(parts, axis=0) if len(parts) > 1 else parts[0]
+            padding = self._padded(rows) - rows
+            if padding:
+                merged = tf.concat([merged, tf.repeat(merged[:1], padding, axis=0)], axis=0)
+            feeds[alias] = merged
+        outputs = function(**feeds)
+        for alias, tensor in outputs.items():
+            if tensor.shape.rank == 0 or tensor.shape[0] != self._padded(rows):
+                raise InvalidArgument(f"Batched output tensor '{alias}' has 0th dimension "
+                                      f"{tensor.shape[0] if tensor.shape.rank else 'none'}, not the batch "
+                                      f"size {self._padded(rows)}; this signature cannot be batched")
+        return outputs

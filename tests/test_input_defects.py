@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import struct
+import threading
 import time
 
 import grpc
@@ -12,10 +13,29 @@ import tensorflow as tf
 from PIL import Image
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
+from carrecog.v1 import recognition_service_pb2 as pb
+from carrecog.v1 import recognition_service_pb2_grpc as pb_grpc
 from router_service.settings import DEFAULT_GLOBAL_MODEL as GLOBAL
+from scripts.stack import start_router
 from tests import images
 
 pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def router(model_server, stack_logs):
+    """A router of this module's own, without a logo stage: these defects are the model server's and the
+    router's, and its log holds only this module's calls."""
+    service = start_router(model_server.address, "", stack_logs / "input-defects")
+    service.wait_healthy()
+    yield service
+    service.stop()
+
+
+@pytest.fixture(scope="module")
+def recognition(router):
+    with grpc.insecure_channel(router.address) as channel:
+        yield pb_grpc.RecognitionServiceStub(channel)
 
 
 def predict_request(encoded: list[bytes]) -> predict_pb2.PredictRequest:
@@ -34,6 +54,12 @@ def gif_with_a_big_frame(side: int) -> bytes:
     return bytes(data)
 
 
+def unreadable_jpeg(image_id: str) -> bytes:
+    """A photo cut off mid-scan, then a stray start-of-image marker and an end-of-image marker: the headers
+    pass every check (frame header, scan, end marker), and TensorFlow's decoder refuses the body."""
+    return images.truncated_jpeg(image_id) + b"\xff\xd8\xff\xd9"
+
+
 def test_bombs_with_bytes_after_their_end_or_big_frames_are_refused_by_the_model_server(model_server):
     bombs = {"png + 64 bytes after IEND": images.decompression_bomb_png(10_000) + bytes(64),
              "gif frame larger than its screen": gif_with_a_big_frame(5000)}
@@ -47,3 +73,29 @@ def test_bombs_with_bytes_after_their_end_or_big_frames_are_refused_by_the_model
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, name
             assert "image_bytes[1]" in err.value.details() and "megapixel" in err.value.details(), name
             assert time.monotonic() - started < 1.0, name  # refused from the header, nothing decoded
+
+
+def test_an_unreadable_image_fails_only_its_own_call_in_a_merged_batch(recognition):
+    """Issue 24: 4 callers of good photos and 2 of unreadable ones; 289 of 430 good calls failed."""
+    good = [images.photo(i) for i in ("00001", "00002", "00003", "00004")]
+    bad = [unreadable_jpeg("00006"), unreadable_jpeg("00007")]
+    outcomes: dict[str, list[str]] = {"good": [], "bad": []}
+    stop = time.monotonic() + 3.0
+
+    def caller(kind: str, photo: bytes) -> None:
+        while time.monotonic() < stop:
+            try:
+                recognition.Recognize(pb.RecognizeRequest(image=photo), timeout=60)
+                outcomes[kind].append("OK")
+            except grpc.RpcError as exc:
+                outcomes[kind].append(f"{exc.code().name}: {exc.details()}")
+
+    threads = ([threading.Thread(target=caller, args=("good", p)) for p in good]
+               + [threading.Thread(target=caller, args=("bad", p)) for p in bad])
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert len(outcomes["good"]) >= 8 and len(outcomes["bad"]) >= 2
+    assert set(outcomes["good"]) == {"OK"}, [o for o in outcomes["good"] if o != "OK"][:3]
+    assert all(o.startswith("INVALID_ARGUMENT: the model could not read the image") for o in outcomes["bad"])

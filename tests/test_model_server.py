@@ -432,6 +432,33 @@ def test_batch_scheduler_refuses_work_beyond_its_queue():
         batcher.run("m", slow, {"x": tf.constant(1)})
 
 
+def test_one_calls_bad_input_fails_only_that_call_of_a_merged_batch():
+    batcher = scheduler("max_batch_size { value: 8 } batch_timeout_micros { value: 300000 }")
+    seen = []
+
+    def strict(x):  # fails the whole batch when any row is negative, as a decode op fails on one bad image
+        seen.append(x.numpy().tolist())
+        tf.debugging.assert_non_negative(x, message="unreadable row")
+        return {"y": x * 2}
+
+    values = [1, 2, -3, 4, 5, 6]
+    start = threading.Barrier(len(values))
+
+    def call(value: int):
+        start.wait()
+        try:
+            return batcher.run("m", strict, {"x": tf.constant([value])})["y"].numpy().tolist()
+        except tf.errors.InvalidArgumentError as exc:
+            return exc
+
+    with ThreadPoolExecutor(len(values)) as pool:
+        results = list(pool.map(call, values))
+    assert [r for r in results if not isinstance(r, Exception)] == [[2], [4], [8], [10], [12]]
+    assert isinstance(results[2], tf.errors.InvalidArgumentError) and "unreadable row" in str(results[2])
+    assert len(seen[0]) == 6 and [-3] in seen  # merged first, then split down to the bad call alone
+    assert len(seen) <= 1 + 2 * 3  # halves only: at most two runs per level below the merged one
+
+
 # SavedModel warm-up (assets.extra/tf_serving_warmup_requests), in process.
 
 def warmup_repository(tmp_path: Path, records: list | None = None) -> tuple[ModelRepository, Path]:
