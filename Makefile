@@ -179,29 +179,28 @@ JOB ?= lite
 GPU_PACK ?= gpu/$(JOB)
 GPU_PYTHON ?= python3
 GPU_MINUTES ?= 7.5
-PACK_ARGS_lite := --train-side 288 --train-quality 72 --val-side 224 --val-quality 70 --val-limit-per-class 2 \
-	--imagenet lite0,lite2 --max-mb 60
+PACK_ARGS_lite := --train-side 288 --train-quality 70 --val-side 224 --val-quality 70 --val-limit-per-class 2 \
+	--imagenet lite0,lite2 --max-mb 59.5
 PACK_ARGS_resnet50 := --train-side 256 --train-quality 85 --val-side 224 --val-quality 85 --max-mb 58
 PACK_ARGS_resnet50-v1 := $(PACK_ARGS_resnet50)
 TRAIN_lite := -m training.gpu_train --arch lite0 --arch lite2 --size 320 --batch 128 --lr 0.05
 TRAIN_resnet50 := -m training.gpu_train --arch resnet50 --size 224 --batch 256 --lr 0.1 --weight-decay 5e-4 \
 	--alpha 0.3 --min-scale 0.25 --frame-p 0.15 --val-every 10
 TRAIN_resnet50-v1 := -m training.resnet_torch --size 224 --batch 256 --workers 14
-IMPORT_lite = -m training.lite_import --weights $(WEIGHTS) --arch $(or $(ARCH),lite0) --model-name efficientnet_lite0 \
-	--version $(VERSION)
+IMPORT_lite = -m training.lite_import --weights $(WEIGHTS) --arch $(or $(ARCH),lite0) \
+	--model-name efficientnet_$(or $(ARCH),lite0) --version $(VERSION)
 IMPORT_resnet50 = -m training.resnet_keras import --weights $(WEIGHTS) --arch resnet50 --version $(VERSION) --brand-signatures
 IMPORT_resnet50-v1 = -m training.resnet_keras import --weights $(WEIGHTS) --version $(VERSION) --brand-signatures
 
+GPU_JOB_CHECK = $(if $(TRAIN_$(JOB)),,$(error unknown JOB=$(JOB): lite, resnet50 or resnet50-v1))
 gpu-pack: $(TRAIN_STAMP)
-	@test -n "$(PACK_ARGS_$(JOB))" || { echo "unknown JOB=$(JOB): lite, resnet50 or resnet50-v1"; exit 2; }
-	$(PY) -m training.gpu_pack --out $(GPU_PACK) $(PACK_ARGS_$(JOB))
+	$(GPU_JOB_CHECK)$(PY) -m training.gpu_pack --out $(GPU_PACK) $(PACK_ARGS_$(JOB))
 
 train-gpu:
-	$(GPU_PYTHON) $(TRAIN_$(JOB)) --pack $(GPU_PACK) --out $$OUT --minutes $(GPU_MINUTES) $(GPU_TRAIN_ARGS)
+	$(GPU_JOB_CHECK)$(GPU_PYTHON) $(TRAIN_$(JOB)) --pack $(GPU_PACK) --out $$OUT --minutes $(GPU_MINUTES) $(GPU_TRAIN_ARGS)
 
 gpu-import: protos $(TRAIN_STAMP)
-	@test -n "$(WEIGHTS)" -a -n "$(VERSION)" || { echo "WEIGHTS=<folder> VERSION=<n> are required"; exit 2; }
-	$(PY) $(IMPORT_$(JOB))
+	$(GPU_JOB_CHECK)$(if $(and $(WEIGHTS),$(VERSION)),,$(error WEIGHTS=<folder> VERSION=<n> are required))$(PY) $(IMPORT_$(JOB))
 
 clean:
 	rm -rf carrecog .pytest_cache
