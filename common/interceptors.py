@@ -7,6 +7,9 @@
   still answers its orchestrator and is not restarted at its busiest;
 - errors: a typed error (common.errors) becomes its status; anything else is
   INTERNAL with the request id, its traceback goes to the log, not the client;
+- request bytes that do not parse (a truncated message, bad UTF-8 in a string
+  field) are INVALID_ARGUMENT with a plain message and a warning in the log,
+  not grpc's UNKNOWN naming the parser's exception class with a traceback;
 - one access-log line per call with the status the client saw (a cancelled
   or expired call is logged as such, not as UNKNOWN);
 - an optional observer (common.metrics.RpcMetrics) told of each call's start,
@@ -21,7 +24,7 @@ from typing import Any, Awaitable, Callable, Protocol
 
 import grpc
 
-from common.errors import INTERNAL_MESSAGE, status_of
+from common.errors import INTERNAL_MESSAGE, InvalidArgument, status_of
 from common.logs import REQUEST_ID, REQUEST_ID_HEADER, log_event, new_request_id
 
 logger = logging.getLogger("carrecog.access")
@@ -40,6 +43,34 @@ class RpcObserver(Protocol):
     def response(self, method: str, message: Any) -> None: ...
 
     def handled(self, method: str, grpc_type: str, code: str, seconds: float) -> None: ...
+
+
+class _Unparsable:
+    """Stands in for a request whose bytes did not parse; the call refuses it before the servicer runs.
+
+    A deserializer that raised would make grpc answer UNKNOWN itself, outside any interceptor."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def refusal(self, method: str) -> InvalidArgument:
+        log_event(logger, "request could not be parsed", logging.WARNING, method=method, error=str(self.error))
+        reason = " ".join(str(self.error).split())[:200] or "not a protobuf message"
+        return InvalidArgument(f"the request could not be parsed: {reason}")
+
+
+def _lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """The handler's request deserializer, answering _Unparsable instead of raising."""
+    if deserializer is None:
+        return None
+
+    def deserialize(raw: bytes) -> Any:
+        try:
+            return deserializer(raw)
+        except Exception as exc:  # DecodeError, UnicodeDecodeError, ... whatever the parser raises
+            return _Unparsable(exc)
+
+    return deserialize
 
 
 def _request_id_from(metadata: Any) -> str:
@@ -70,14 +101,14 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             call = _Call(self, details.method, request_id, "unary")
             return grpc.unary_unary_rpc_method_handler(
                 call.wrap_unary(handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_lenient(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         if handler.stream_stream:
             call = _Call(self, details.method, request_id, "bidi_stream")
             return grpc.stream_stream_rpc_method_handler(
                 call.wrap_stream(handler.stream_stream),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_lenient(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         return handler  # unary-stream / stream-unary: not used by carrecog's own services
@@ -146,6 +177,8 @@ class _Call:
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
             await self._begin(context)
             try:
+                if isinstance(request, _Unparsable):
+                    raise request.refusal(self.method)
                 response = await behavior(request, context)
                 if self.observer is not None:
                     self.observer.response(self.method, response)
@@ -157,11 +190,18 @@ class _Call:
 
         return wrapped
 
+    async def _parsed(self, requests: Any) -> Any:
+        """The stream's requests; one that did not parse ends the call with INVALID_ARGUMENT."""
+        async for request in requests:
+            if isinstance(request, _Unparsable):
+                raise request.refusal(self.method)
+            yield request
+
     def wrap_stream(self, behavior: Callable) -> Callable:
         async def wrapped(request_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
             await self._begin(context)
             try:
-                async for response in behavior(request_iterator, context):
+                async for response in behavior(self._parsed(request_iterator), context):
                     if self.observer is not None:
                         self.observer.response(self.method, response)
                     yield response

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import json
 import struct
 import threading
 import time
@@ -99,3 +100,46 @@ def test_an_unreadable_image_fails_only_its_own_call_in_a_merged_batch(recogniti
     assert len(outcomes["good"]) >= 8 and len(outcomes["bad"]) >= 2
     assert set(outcomes["good"]) == {"OK"}, [o for o in outcomes["good"] if o != "OK"][:3]
     assert all(o.startswith("INVALID_ARGUMENT: the model could not read the image") for o in outcomes["bad"])
+
+
+def bad_utf8(request: pb.RecognizeRequest, placeholder: str) -> bytes:
+    """The serialized request with its string `placeholder` replaced by as many bytes of invalid UTF-8."""
+    raw = request.SerializeToString()
+    assert raw.count(placeholder.encode()) == 1
+    return raw.replace(placeholder.encode(), b"\xff\xfe" * (len(placeholder) // 2))
+
+
+def test_malformed_request_bytes_are_invalid_argument_with_a_plain_message(router, model_server):
+    photo = images.photo("00001")
+    malformed = {
+        "image_id": bad_utf8(pb.RecognizeRequest(image=photo, image_id="PLACEHOLDER!"), "PLACEHOLDER!"),
+        "force_model": bad_utf8(pb.RecognizeRequest(image=photo, options=pb.RecognizeOptions(
+            force_model="PLACEHOLDER!")), "PLACEHOLDER!"),
+        "truncated": pb.RecognizeRequest(image=photo, image_id="x").SerializeToString()[:len(photo) // 2],
+    }
+    with grpc.insecure_channel(router.address) as channel:
+        recognize = channel.unary_unary("/carrecog.v1.RecognitionService/Recognize")  # bytes in, bytes out
+        stream = channel.stream_stream("/carrecog.v1.RecognitionService/RecognizeStream")
+        for name, raw in malformed.items():
+            with pytest.raises(grpc.RpcError) as err:
+                recognize(raw, timeout=30)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, name
+            assert err.value.details().startswith("the request could not be parsed"), name
+            assert "DecodeError" not in err.value.details() and "class" not in err.value.details(), name
+        valid = pb.RecognizeStreamRequest(request=pb.RecognizeRequest(image=photo)).SerializeToString()
+        with pytest.raises(grpc.RpcError) as err:
+            list(stream(iter([valid, valid[:len(valid) // 2]]), timeout=60))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert recognize(pb.RecognizeRequest(image=photo).SerializeToString(), timeout=60)  # still serving
+    with grpc.insecure_channel(model_server.address) as channel:
+        predict = channel.unary_unary("/tensorflow.serving.PredictionService/Predict")
+        with pytest.raises(grpc.RpcError) as err:
+            predict(predict_request([photo]).SerializeToString()[:100], timeout=30)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert err.value.details().startswith("the request could not be parsed")
+    time.sleep(0.5)  # the log lines are written as the calls end
+    lines = [json.loads(line) for line in router.log_path.read_text().splitlines() if line.strip()]
+    refused = [line for line in lines if line.get("event") == "request could not be parsed"]
+    assert len(refused) == 4 and {line["level"] for line in refused} == {"warning"}
+    assert not [line for line in lines if line["level"] in ("error", "critical")]
+    assert not [line for line in lines if line.get("code") == "UNKNOWN"]
