@@ -6,7 +6,7 @@
       "name": "Audi",                     # display name
       "makes": ["Audi"],                  # Stanford Cars make names this brand covers
       "logos": ["data:car_logos/optimized/audi.png"],
-      "model": {"name": "audi", "signature": "serving_default"}   # optional
+      "model": {"name": "efficientnet_lite0", "signature": "audi"}   # optional: served model + signature
     }
 
 A logo path starting with "data:" is relative to the shared data root

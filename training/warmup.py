@@ -1,6 +1,6 @@
 """TF Serving warm-up records for an exported SavedModel.
 
-    python -m training.warmup serving_models/global/1 [--signature serving_default ...]
+    python -m training.warmup serving_models/global/2 [--signature serving_default ...]
 
 writes <export dir>/assets.extra/tf_serving_warmup_requests: a TFRecord of
 PredictionLog records, one PredictRequest per signature, each carrying one
@@ -61,7 +61,7 @@ def write_warmup_requests(export_dir: Path, model_name: str, signatures: Sequenc
 
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("export_dir", type=Path, help="a SavedModel version folder, e.g. serving_models/global/1")
+    p.add_argument("export_dir", type=Path, help="a SavedModel version folder, e.g. serving_models/global/2")
     p.add_argument("--signature", action="append",
                    help="signature to warm (repeatable; default: every signature in saved_model.pb)")
     args = p.parse_args(argv)
