@@ -4,7 +4,9 @@
   sets it) or generated, set for the handler and echoed in the trailers;
 - the concurrency limit: calls beyond it get RESOURCE_EXHAUSTED at once and
   are logged. Health checks and reflection are exempt, so a busy service
-  still answers its orchestrator and is not restarted at its busiest;
+  still answers its orchestrator and is not restarted at its busiest; so are
+  the methods a service names as `unlimited` (the model server's
+  GetModelStatus, which the router's health follows), though they are logged;
 - errors: a typed error (common.errors) becomes its status; anything else is
   INTERNAL with the request id, its traceback goes to the log, not the client;
 - request bytes that do not parse (a truncated message, bad UTF-8 in a string
@@ -20,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, Awaitable, Callable, Protocol
+from typing import Any, Awaitable, Callable, Protocol, Sequence
 
 import grpc
 
@@ -83,10 +85,12 @@ def _request_id_from(metadata: Any) -> str:
 class ServiceInterceptor(grpc.aio.ServerInterceptor):
     """Request id, concurrency limit, error mapping and access log for every non-health RPC."""
 
-    def __init__(self, max_concurrent_rpcs: int, observer: RpcObserver | None = None) -> None:
+    def __init__(self, max_concurrent_rpcs: int, observer: RpcObserver | None = None,
+                 unlimited: Sequence[str] = ()) -> None:
         self.limit = max_concurrent_rpcs
         self.in_flight = 0
         self.observer = observer
+        self.unlimited = frozenset(unlimited)  # full method names ("/pkg.Service/Method") the limit skips
 
     async def intercept_service(
         self,
@@ -98,14 +102,14 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             return handler
         request_id = _request_id_from(details.invocation_metadata)
         if handler.unary_unary:
-            call = _Call(self, details.method, request_id, "unary")
+            call = _Call(self, details.method, request_id, "unary", details.method not in self.unlimited)
             return grpc.unary_unary_rpc_method_handler(
                 call.wrap_unary(handler.unary_unary),
                 request_deserializer=_lenient(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         if handler.stream_stream:
-            call = _Call(self, details.method, request_id, "bidi_stream")
+            call = _Call(self, details.method, request_id, "bidi_stream", details.method not in self.unlimited)
             return grpc.stream_stream_rpc_method_handler(
                 call.wrap_stream(handler.stream_stream),
                 request_deserializer=_lenient(handler.request_deserializer),
@@ -117,8 +121,10 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
 class _Call:
     """One RPC's bookkeeping: admitted or refused, its outcome, its log line."""
 
-    def __init__(self, owner: ServiceInterceptor, method: str, request_id: str, grpc_type: str) -> None:
+    def __init__(self, owner: ServiceInterceptor, method: str, request_id: str, grpc_type: str,
+                 limited: bool = True) -> None:
         self.owner = owner
+        self.limited = limited
         self.observer = owner.observer
         self.method = method
         self.request_id = request_id
@@ -132,6 +138,8 @@ class _Call:
         if self.observer is not None:
             self.observer.started(self.method, self.grpc_type)
         context.set_trailing_metadata(((REQUEST_ID_HEADER, self.request_id),))
+        if not self.limited:
+            return
         if self.owner.in_flight >= self.owner.limit:
             self.code = "RESOURCE_EXHAUSTED"
             self._finish()
@@ -158,7 +166,8 @@ class _Call:
         await context.abort(code, message)
 
     def _end(self, context: grpc.aio.ServicerContext) -> None:
-        self.owner.in_flight -= 1
+        if self.limited:
+            self.owner.in_flight -= 1
         if self.code == "OK":
             code = context.code()
             if isinstance(code, grpc.StatusCode):

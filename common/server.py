@@ -167,7 +167,10 @@ class GrpcServer:
     """A grpc.aio server with health, reflection, limits and graceful shutdown."""
 
     def __init__(self, name: str, settings: ServerSettings, service_names: Sequence[str],
-                 interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> None:
+                 interceptors: Sequence[grpc.aio.ServerInterceptor] = (), unlimited_methods: Sequence[str] = ()
+                 ) -> None:
+        """`unlimited_methods`: full method names ("/pkg.Service/Method") outside the concurrency limit, like
+        health checks: cheap calls that must answer however busy the service is."""
         self.name = name
         self.settings = settings
         self.service_names = list(service_names)
@@ -184,7 +187,8 @@ class GrpcServer:
             observer = RPC_METRICS
         self.server = grpc.aio.server(
             interceptors=[*tracing.server_interceptors(tracing.current()),
-                          ServiceInterceptor(settings.max_concurrent_rpcs, observer), *interceptors],
+                          ServiceInterceptor(settings.max_concurrent_rpcs, observer, unlimited_methods),
+                          *interceptors],
             options=options,
         )
         self.metrics = None  # common.metrics.MetricsServer once started

@@ -150,7 +150,7 @@ async def serve(settings: ModelServerSettings) -> None:
 
     from model_server.batch_scheduler import BatchScheduler
     from model_server.repository import ModelRepository
-    from model_server.servicer import MODEL_SERVICE, PREDICTION_SERVICE, add_servicers
+    from model_server.servicer import MODEL_SERVICE, PREDICTION_SERVICE, UNLIMITED_METHODS, add_servicers
     from model_server.warmup import run_warmup
 
     tf.config.threading.set_intra_op_parallelism_threads(settings.intra_op_threads)
@@ -162,7 +162,8 @@ async def serve(settings: ModelServerSettings) -> None:
                                  warmup if settings.enable_model_warmup else None)
     # One thread per in-flight call, like TF Serving's synchronous gRPC server.
     executor = ThreadPoolExecutor(max_workers=settings.server.max_concurrent_rpcs, thread_name_prefix="tf")
-    server = GrpcServer("model_server", settings.server, [PREDICTION_SERVICE, MODEL_SERVICE])
+    server = GrpcServer("model_server", settings.server, [PREDICTION_SERVICE, MODEL_SERVICE],
+                        unlimited_methods=UNLIMITED_METHODS)
     add_servicers(server.server, repository, executor, BatchScheduler(batching) if batching is not None else None,
                   settings.max_image_pixels)
     await server.start()

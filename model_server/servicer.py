@@ -1,9 +1,12 @@
 """gRPC servicers: tensorflow.serving.PredictionService and ModelService.
 
-Thin async wrappers: each call runs its blocking function (model_server.predict)
-in a thread pool so TensorFlow never blocks the event loop. Exceptions become
-gRPC statuses in one place for all services (common.interceptors with
-common.errors), with TF Serving's codes and messages.
+Thin async wrappers: each call that touches TensorFlow runs its blocking function
+(model_server.predict) in a thread pool so TensorFlow never blocks the event loop.
+GetModelStatus only reads the load states, so it answers on the loop: it never
+queues behind inference for a thread, and it is outside the concurrency limit
+(UNLIMITED_METHODS), so a busy model server is not taken for a dead one.
+Exceptions become gRPC statuses in one place for all services
+(common.interceptors with common.errors), with TF Serving's codes and messages.
 """
 from __future__ import annotations
 
@@ -25,6 +28,8 @@ from model_server.repository import ModelRepository
 # descriptors; importing *_pb2 registers them, which server reflection needs.
 PREDICTION_SERVICE = prediction_service_pb2.DESCRIPTOR.services_by_name["PredictionService"].full_name
 MODEL_SERVICE = model_service_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name
+# Liveness calls that must answer however many Predicts are in flight (common.server.GrpcServer).
+UNLIMITED_METHODS = (f"/{MODEL_SERVICE}/GetModelStatus",)
 
 
 async def _serve(context: grpc.aio.ServicerContext, executor: Executor | None,
@@ -64,12 +69,11 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
 
 
 class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
-    def __init__(self, repository: ModelRepository, executor: Executor | None = None) -> None:
+    def __init__(self, repository: ModelRepository) -> None:
         self._repository = repository
-        self._executor = executor
 
     async def GetModelStatus(self, request, context):
-        return await _serve(context, self._executor, predict.get_model_status, self._repository, request)
+        return predict.get_model_status(self._repository, request)  # a dict lookup: no thread needed
 
     async def HandleReloadConfigRequest(self, request, context):
         raise _not_implemented("HandleReloadConfigRequest")
@@ -79,4 +83,4 @@ def add_servicers(server: grpc.aio.Server, repository: ModelRepository, executor
                   batcher: BatchScheduler | None = None, max_image_pixels: int = 0) -> None:
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
         PredictionServicer(repository, executor, batcher, max_image_pixels), server)
-    model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(repository, executor), server)
+    model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(repository), server)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import grpc
 
@@ -46,6 +47,12 @@ class ModelCatalog:
             name, _, signature = key.partition(":")
             signature = signature or "serving_default"
             self.models.setdefault(self.key(name, signature), ModelInfo(name, signature))
+        self._answered_at = float("-inf")  # time.monotonic() of the last Predict the model server answered
+
+    def answered_since(self, moment: float) -> bool:
+        """Whether the model server answered a Predict after `moment` (time.monotonic()): evidence that it is
+        alive however long its status call takes (router_service.health)."""
+        return self._answered_at > moment
 
     @staticmethod
     def key(name: str, signature: str) -> str:
@@ -81,6 +88,7 @@ class ModelCatalog:
         if meta is None:
             raise ModelNotReady(model.name)
         reply = await self.client.predict(model.name, model.signature, meta, images, timeout)
+        self._answered_at = time.monotonic()
         if reply.version != meta.version:
             reply = await self.client.predict(model.name, model.signature, meta, images, timeout, with_labels=True)
             meta = meta.with_labels(reply.labels or meta.labels, reply.version)

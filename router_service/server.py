@@ -15,6 +15,7 @@ from common.logs import log_event
 from common.plugins import load_plugins
 from common.server import GrpcServer
 from router_service.catalog import ModelCatalog
+from router_service.health import watch_downstreams
 from router_service.model_cards import ModelCards, standing
 from router_service.routing import MAX_IMAGE_ID_CHARS, RecognitionError, Recognizer, RoutingSettings
 from router_service.settings import RouterSettings
@@ -23,7 +24,6 @@ from router_service.tf_serving import TfServingClient
 logger = logging.getLogger("carrecog.router")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RecognitionService"].full_name
 BATCH_CONCURRENCY = 4
-RECOVERY_POLL_S = 0.25
 
 
 def _error_result(image_id: str, error: RecognitionError) -> pb.RecognizeResult:
@@ -95,39 +95,6 @@ class RecognitionServicer(pb_grpc.RecognitionServiceServicer):
                                 model_name=plugin.model.name if plugin.model else "",
                                 signature_name=plugin.model.signature if plugin.model else "")
         return response
-
-
-async def watch_downstreams(server: GrpcServer, catalog: ModelCatalog, interval_s: float) -> None:
-    """Health follows the model server: SERVING while the global model answers, NOT_SERVING otherwise.
-
-    A down logo service does not make the router unhealthy: it degrades to the
-    global model and says so in each answer. After a model-server outage the
-    router is SERVING again as soon as the global model's status is AVAILABLE
-    (it kept the model's metadata; a new version is picked up on the next
-    Predict); models never discovered are discovered all at once. Checks run
-    every `interval_s` while SERVING and every RECOVERY_POLL_S while not, so a
-    restart is noticed within a fraction of a second.
-    """
-    serving = False
-    catching_up: asyncio.Task | None = None
-    while True:
-        try:
-            ok = await catalog.client.is_available(catalog.global_name, timeout=2.0)
-            if ok and catalog.global_model.meta is None:
-                ok = await catalog.refresh(timeout=30.0)  # nothing to answer with until the global model is known
-            elif ok and not all(m.available for m in catalog.models.values()) and (
-                    catching_up is None or catching_up.done()):
-                # brand models catch up while the router already serves
-                catching_up = asyncio.create_task(catalog.refresh(timeout=30.0, only_unavailable=True))
-        except grpc.aio.AioRpcError as exc:
-            ok = False
-            if serving:
-                log_event(logger, "model server check failed", logging.WARNING, code=exc.code().name)
-        if ok != serving:
-            serving = ok
-            await server.set_serving(ok)
-            log_event(logger, "health", status="SERVING" if ok else "NOT_SERVING")
-        await asyncio.sleep(interval_s if serving else RECOVERY_POLL_S)
 
 
 async def serve(settings: RouterSettings) -> None:
