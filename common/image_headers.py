@@ -12,7 +12,10 @@ that nothing a decoder would decode escapes the bound:
   canvas as large as the largest (the screen size in the file header is not used).
 
 None means no header claims a size: the bytes are not one of these formats, or are
-too damaged for any decoder to start (it then fails with its own error).
+too damaged for any decoder to start (it then fails with its own error). A walk over
+the headers stops after MAX_STEPS chunks, segments or sub-blocks (real files need far
+fewer): such a file claims UNBOUNDED pixels, so the bound refuses it rather than
+spend seconds of Python on a file built to be walked.
 """
 from __future__ import annotations
 
@@ -27,6 +30,27 @@ _JPEG_SOS, _JPEG_EOI = 0xDA, 0xD9
 _JPEG_STANDALONE = {0x01, *range(0xD0, 0xD9)}  # TEM, RST0-7, SOI: markers without a length
 _PNG_COLOR = {0: "gray", 2: "rgb", 3: "palette", 4: "gray+alpha", 6: "rgba"}
 _JPEG_COLOR = {1: "gray", 3: "ycbcr", 4: "cmyk"}
+# A 20 MB GIF of 255-byte sub-blocks takes ~80 000 steps; 200 000 take about 0.1 s.
+MAX_STEPS = 200_000
+UNBOUNDED = 2 ** 63 - 1
+
+
+class _TooLong(Exception):
+    """The headers go on for more than MAX_STEPS."""
+
+
+class _Budget:
+    """The steps left to walk one image's headers."""
+
+    def __init__(self) -> None:
+        self.left = MAX_STEPS
+
+    def take(self) -> bool:
+        """True, or _TooLong once MAX_STEPS are spent."""
+        self.left -= 1
+        if self.left < 0:
+            raise _TooLong
+        return True
 
 
 @dataclass(frozen=True)
@@ -39,6 +63,11 @@ class SizeClaim:
     pixels: int  # pixels a decoder fills: width x height, or every frame's together for an animation
     frames: int = 1
     color: str = ""
+
+    @property
+    def unbounded(self) -> bool:
+        """The headers were too long to read to the end (MAX_STEPS): assume the worst."""
+        return self.pixels == UNBOUNDED
 
 
 def claimed_size(data: bytes) -> SizeClaim | None:
@@ -56,18 +85,32 @@ def claimed_size(data: bytes) -> SizeClaim | None:
             return _webp(data)
     except (struct.error, IndexError, ValueError):
         return None
+    except _TooLong:
+        return SizeClaim(_format(data), 0, 0, UNBOUNDED)
     return None
 
 
+def _format(data: bytes) -> str:
+    for magic, name in ((JPEG_MAGIC, "jpeg"), (PNG_MAGIC, "png"), (b"GIF8", "gif"), (b"BM", "bmp")):
+        if data.startswith(magic):
+            return name
+    return "webp"
+
+
 def jpeg_scan_start(data: bytes) -> int:
-    """Where the first scan (SOS) of a JPEG starts, -1 when it has none."""
-    return _jpeg_walk(data)[1]
+    """Where the first scan (SOS) of a JPEG starts, -1 when it has none (or no walk finds it)."""
+    try:
+        return _jpeg_walk(data)[1]
+    except _TooLong:
+        return -1
 
 
 def png_has_end(data: bytes) -> bool:
     """True when the PNG's chunks lead to an IEND chunk within the file (bytes after it are allowed)."""
     pos = len(PNG_MAGIC)
-    while pos + 8 <= len(data):
+    for _ in range(MAX_STEPS):
+        if pos + 8 > len(data):
+            break
         (length,) = struct.unpack(">I", data[pos:pos + 4])
         if data[pos + 4:pos + 8] == b"IEND":
             return True
@@ -79,7 +122,8 @@ def _jpeg_walk(data: bytes) -> tuple[list[tuple[int, int, int]], int]:
     """The frame headers (width, height, components) before the first scan, and where that scan starts (-1)."""
     frames: list[tuple[int, int, int]] = []
     pos = 2
-    while (pos := data.find(b"\xff", pos)) >= 0 and pos + 1 < len(data):
+    budget = _Budget()
+    while budget.take() and (pos := data.find(b"\xff", pos)) >= 0 and pos + 1 < len(data):
         marker = data[pos + 1]
         if marker in (0xFF, 0x00):  # a fill byte, or a stuffed zero that is no marker: keep looking
             pos += 1
@@ -117,9 +161,9 @@ def _png(data: bytes) -> SizeClaim | None:
     return SizeClaim("png", width, height, width * height, color=color)
 
 
-def _skip_sub_blocks(data: bytes, pos: int) -> int:
+def _skip_sub_blocks(data: bytes, pos: int, budget: _Budget) -> int:
     """Past a GIF data-sub-block sequence (size byte, data, ..., 0)."""
-    while pos < len(data) and data[pos]:
+    while budget.take() and pos < len(data) and data[pos]:
         pos += 1 + data[pos]
     return pos + 1
 
@@ -128,13 +172,14 @@ def _gif(data: bytes) -> SizeClaim:
     flags = data[10]
     pos = 13 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)  # header, screen descriptor, global colours
     frames: list[tuple[int, int]] = []
-    while pos < len(data) and data[pos] != 0x3B:  # trailer
+    budget = _Budget()
+    while budget.take() and pos < len(data) and data[pos] != 0x3B:  # trailer
         if data[pos] == 0x21:  # extension: label, then sub-blocks
-            pos = _skip_sub_blocks(data, pos + 2)
+            pos = _skip_sub_blocks(data, pos + 2, budget)
         elif data[pos] == 0x2C and pos + 10 <= len(data):  # image descriptor: the decoder allocates its size
             frames.append(struct.unpack("<HH", data[pos + 5:pos + 9]))
             local = data[pos + 9]
-            pos = _skip_sub_blocks(data, pos + 10 + (3 << ((local & 7) + 1) if local & 0x80 else 0) + 1)
+            pos = _skip_sub_blocks(data, pos + 10 + (3 << ((local & 7) + 1) if local & 0x80 else 0) + 1, budget)
         else:
             break
     if not frames:
@@ -154,7 +199,8 @@ def _webp(data: bytes) -> SizeClaim | None:
     canvas: tuple[int, int] | None = None
     frames: list[tuple[int, int]] = []
     pos = 12
-    while pos + 8 <= len(data):
+    budget = _Budget()
+    while budget.take() and pos + 8 <= len(data):
         kind, (length,) = data[pos:pos + 4], struct.unpack("<I", data[pos + 4:pos + 8])
         body = data[pos + 8:pos + 8 + min(length, 30)]
         if kind == b"VP8X" and len(body) >= 10:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from common.image_headers import JPEG_MAGIC, PNG_MAGIC, SizeClaim, claimed_size, jpeg_scan_start, png_has_end
+from common.image_headers import JPEG_MAGIC, MAX_STEPS, PNG_MAGIC, SizeClaim, claimed_size, jpeg_scan_start, png_has_end
 
 MIB = 1024 * 1024
 DEFAULT_MAX_BYTES = 20 * MIB
@@ -66,6 +66,9 @@ def validate_image(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: 
 
 
 def too_many_pixels(claim: SizeClaim, max_pixels: int) -> str:
+    if claim.unbounded:
+        return (f"the {claim.format.upper()} file's headers go on for more than {MAX_STEPS} chunks or segments, "
+                "more than any image has, so its size cannot be read: re-export it")
     size = f"{claim.width}x{claim.height} px"
     if claim.frames > 1:
         size = f"{claim.frames} frames of up to {size}"

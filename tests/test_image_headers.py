@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import random
 import struct
+import time
 
 import cv2
 import numpy as np
@@ -86,3 +87,19 @@ def test_damaged_bytes_never_raise():
                 data[rng.randrange(len(data))] = rng.randrange(256)
             claim = claimed_size(bytes(data))
             assert claim is None or claim.pixels >= 0
+
+
+def test_headers_built_to_be_walked_are_refused_quickly():
+    photo = images.photo("00001")
+    sof = photo.find(b"\xff\xc0")
+    flooded = {
+        "jpeg": photo[:sof] + b"\xff\xd0" * 5_000_000 + photo[sof:],  # 10 MB of restart markers, libjpeg skips them
+        "gif": (b"GIF89a" + struct.pack("<HHBBB", 16, 16, 0, 0, 0) + b"\x21\xfe" + b"\x01\x00" * 5_000_000
+                + b"\x00\x3b"),  # a comment of 5 million 1-byte sub-blocks
+    }
+    for fmt, data in flooded.items():
+        started = time.monotonic()
+        claim = claimed_size(data)
+        assert claim.format == fmt and claim.unbounded and time.monotonic() - started < 1.0, fmt
+    with pytest.raises(InvalidImage, match="re-export"):
+        validate_image(flooded["jpeg"])
