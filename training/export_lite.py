@@ -29,10 +29,13 @@ A brand signature of an ensemble is the members' mean restricted to the brand's
 classes and renormalised, then tempered with its own T, so it ranks the brand's
 classes exactly as the global answer restricted to the brand (averaging the
 members' own brand heads did not: one Chevrolet test photo worse in v8's first
-export). The mean of calibrated members is under-confident, hence T, one per
-signature: fitted on val when the runs were trained on train only, or, for runs
-trained on train + val, taken with --temperatures-from from their train-only
-twin's export (val cannot calibrate a model trained on it).
+export). Only the signatures named in `brand_trained` answer from the members'
+own heads for the brand (their softmaxes averaged, then tempered): heads trained
+on the brand's photos that beat the restricted answer (training/brand_heads.py).
+The mean of calibrated members is under-confident, hence T, one per signature:
+fitted on val when the runs were trained on train only, or, for runs trained on
+train + val, taken with --temperatures-from from their train-only twin's export
+(val cannot calibrate a model trained on it).
 """
 from __future__ import annotations
 
@@ -66,23 +69,26 @@ class LiteServable(SignatureModule):
     """The frozen bottom, the frozen bridges, one fine-tuned top per ensemble member, and the heads: one
     run keeps a linear head per signature; an ensemble keeps each member's global head, answers a brand
     signature with its global probabilities restricted to the brand's classes (so a brand signature
-    ranks exactly as the global answer restricted to the brand, never worse), and tempers each
-    signature with its own temperature."""
+    ranks exactly as the global answer restricted to the brand, never worse) unless the signature is
+    `brand_trained` (then from the members' own heads for it), and tempers each signature with its own
+    temperature."""
 
     def __init__(self, bottom: keras.Model, tops: list[keras.Model], heads: list[dict], size: int, assets_dir: Path,
                  temperatures: dict[str, float] | None = None, bridges: dict[int, keras.Model] | None = None,
-                 cuts: list[int] | None = None):
+                 cuts: list[int] | None = None, brand_trained: frozenset[str] = frozenset()):
         super().__init__(name="lite")
         self.bottom, self.tops = bottom, tops
         self.bridges = {f"cut{c}": bridge for c, bridge in (bridges or {}).items()}
         labels = {n: list(h["labels"]) for n, h in heads[0].items()}
         entries = [f"cut{c}" if c in (bridges or {}) else None for c in (cuts or [None] * len(tops))]
         restrict = {}
-        if len(tops) > 1:  # brand signatures answer from the global heads
+        if len(tops) > 1:  # brand signatures answer from the global heads, except the brand-trained ones
             restrict = {n: [labels["serving_default"].index(label) for label in brand_labels]
-                        for n, brand_labels in labels.items() if n != "serving_default"}
-            heads = [{"serving_default": member["serving_default"]} for member in heads]
-        self._plain = SimpleNamespace(size=size, labels=labels, entries=entries, restrict=restrict)  # not tracked
+                        for n, brand_labels in labels.items() if n != "serving_default" and n not in brand_trained}
+            heads = [{n: h for n, h in member.items() if n not in restrict} for member in heads]
+        own = set(heads[0])  # the signatures that answer from a head of their own
+        self._plain = SimpleNamespace(size=size, labels=labels, entries=entries, restrict=restrict,
+                                      own=own)  # not tracked
         self.kernels = [{n: tf.Variable(h["kernel"], trainable=False, name=f"{n}_kernel_{i}") for n, h in member.items()}
                         for i, member in enumerate(heads)]
         self.biases = [{n: tf.Variable(h["bias"], trainable=False, name=f"{n}_bias_{i}") for n, h in member.items()}
@@ -96,7 +102,7 @@ class LiteServable(SignatureModule):
         def classify() -> tf.Tensor:
             shared = self.bottom(data.preprocess_batch(image_bytes, self._plain.size), training=False)
             bridged = {key: bridge(shared, training=False) for key, bridge in self.bridges.items()}
-            head = name if len(self.tops) == 1 else "serving_default"
+            head = name if name in self._plain.own else "serving_default"
             members = [tf.nn.softmax(top(bridged.get(entry, shared), training=False) @ kernels[head] + biases[head])
                        for top, entry, kernels, biases in zip(self.tops, self._plain.entries, self.kernels,
                                                               self.biases)]
@@ -113,11 +119,12 @@ class LiteServable(SignatureModule):
 
 def export_savedmodel(bottom: keras.Model, tops: list[keras.Model], heads: list[dict], size: int,
                       export_dir: Path, temperatures: dict[str, float] | None = None,
-                      bridges: dict[int, keras.Model] | None = None, cuts: list[int] | None = None) -> Path:
+                      bridges: dict[int, keras.Model] | None = None, cuts: list[int] | None = None,
+                      brand_trained: frozenset[str] = frozenset()) -> Path:
     """heads: one dict per top, {signature name: {"kernel": [1280, C], "bias": [C], "labels": [C strings]}},
     the same signatures and labels in each; temperatures: an ensemble's, per signature (default 1);
     cuts: each top's first block; a top whose cut is a key of `bridges` takes that bridge's output,
-    the others the bottom's."""
+    the others the bottom's; brand_trained: an ensemble's brand signatures that answer from their own heads."""
     if len(tops) != len(heads) or any(
             {n: h["labels"] for n, h in member.items()} != {n: h["labels"] for n, h in heads[0].items()}
             for member in heads):
@@ -127,7 +134,8 @@ def export_savedmodel(bottom: keras.Model, tops: list[keras.Model], heads: list[
         raise ValueError("an ensemble's brand signatures answer from its global classes: every brand label "
                          "must be one of serving_default's")
     with tempfile.TemporaryDirectory() as scratch:
-        return LiteServable(bottom, tops, heads, size, Path(scratch), temperatures, bridges, cuts).save(export_dir)
+        return LiteServable(bottom, tops, heads, size, Path(scratch), temperatures, bridges, cuts,
+                            brand_trained).save(export_dir)
 
 
 def copy_weights_by_name(target: keras.Model, source: keras.Model) -> keras.Model:
