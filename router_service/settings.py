@@ -27,7 +27,7 @@ LOGO_POLICIES = {
 DEFAULT_LOGO_POLICY = UNCERTAIN
 DEFAULT_LOGO_POLICY_FILE = Path(__file__).resolve().parent / "logo_policy.json"
 DEFAULT_MODEL_CARDS_DIR = Path(__file__).resolve().parent.parent / "serving_models"
-DEFAULT_EXTRA_MODELS = "global,audi,bmw,chevrolet"
+DEFAULT_EXTRA_MODELS = "global,global:audi,global:bmw,global:chevrolet,global:dodge,global:ford,global:hyundai"
 
 
 @dataclass(frozen=True)
