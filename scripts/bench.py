@@ -6,7 +6,9 @@ Starts a model server, a logo service and one router per logo policy
 (`always`, `uncertain`) on loopback, then measures, on test-split photos:
 
 - the default model's SavedModel alone, in this process: batch-1 latency and
-  batched throughput (32 photos a call), the floor under everything else;
+  batched throughput (32 photos a call), the floor under everything else; the
+  served version and the one before it, in turns; with its GFLOPs per photo and
+  the share of what TensorFlow sustains here on a dense 1x1 convolution;
 - the router with `skip_logo` (the model behind gRPC, no logo stage);
 - the router with each policy;
 
@@ -35,23 +37,92 @@ from training.split import load_split
 POLICIES = ("always", "uncertain")
 
 
-def saved_model_alone(photos: list[bytes], requests: int) -> dict:
+def default_versions() -> list[Path]:
+    """The default model's version folders, newest last: the served one and the ones it replaced."""
+    return sorted((p for p in (SERVING_MODELS / DEFAULT_GLOBAL_MODEL).iterdir() if p.name.isdigit()),
+                  key=lambda p: int(p.name))
+
+
+def saved_model_alone(photos: list[bytes], requests: int, versions: list[Path]) -> dict:
+    """Batch-1 p50 and batched throughput of each version, measured in turns (one round each, then
+    again), so the versions see the same machine load; with the hardware's share each reaches."""
     import tensorflow as tf
 
-    versions = [p for p in (SERVING_MODELS / DEFAULT_GLOBAL_MODEL).iterdir() if p.name.isdigit()]
-    serve = tf.saved_model.load(str(max(versions, key=lambda p: int(p.name)))).signatures["serving_default"]
-    serve(image_bytes=tf.constant(photos[:1]))  # trace and warm
-    latencies = []
-    for i in range(requests):
-        started = time.perf_counter()
-        serve(image_bytes=tf.constant([photos[i % len(photos)]]))
-        latencies.append((time.perf_counter() - started) * 1000)
-    started = time.perf_counter()
-    batches = max(1, requests // 32)
-    for b in range(batches):
-        serve(image_bytes=tf.constant([photos[(b * 32 + j) % len(photos)] for j in range(32)]))
-    return {"batch1_ms_p50": round(statistics.median(latencies), 1),
-            "batched_images_per_second": round(batches * 32 / (time.perf_counter() - started), 1)}
+    serves = {v.name: tf.saved_model.load(str(v)).signatures["serving_default"] for v in versions}
+    latencies: dict[str, list[float]] = {name: [] for name in serves}
+    batched: dict[str, list[float]] = {name: [] for name in serves}
+    for serve in serves.values():
+        serve(image_bytes=tf.constant(photos[:1]))  # trace and warm
+        serve(image_bytes=tf.constant(photos[:32]))
+    for round_ in range(2):
+        for name, serve in serves.items():
+            for i in range(requests // 2):
+                started = time.perf_counter()
+                serve(image_bytes=tf.constant([photos[(round_ * requests + i) % len(photos)]]))
+                latencies[name].append((time.perf_counter() - started) * 1000)
+            batches = max(1, requests // 64)
+            started = time.perf_counter()
+            for b in range(batches):
+                serve(image_bytes=tf.constant([photos[(b * 32 + j) % len(photos)] for j in range(32)]))
+            batched[name].append(batches * 32 / (time.perf_counter() - started))
+    limit = hardware_limit()
+    report = {"hardware": limit, "versions": {}}
+    for version in versions:
+        gflops = arithmetic(version)["gflops_per_photo"]
+        p50, per_second = statistics.median(latencies[version.name]), statistics.mean(batched[version.name])
+        report["versions"][version.name] = {
+            "batch1_ms_p50": round(p50, 1), "batched_images_per_second": round(per_second, 1),
+            "arithmetic": arithmetic(version),
+            "share_of_conv_limit_batched": round(per_second * gflops / limit["conv1x1_gflops_per_s"], 3),
+            "share_of_conv_limit_batch1": round(gflops / (p50 / 1000) / limit["conv1x1_gflops_per_s"], 3)}
+    return report
+
+
+def arithmetic(version: Path) -> dict:
+    """GFLOPs per photo (2 x the convolutions' and heads' multiply-adds, training.lite_arch) of an
+    EfficientNet-Lite version: its shared bottom, each member's blocks and head; a cascade's second
+    member counted at the share of test photos that needed it (its card)."""
+    from training.lite_arch import multiply_adds
+    from training.lite_savedmodel import member_cuts
+
+    card = json.loads((version / "model_card.json").read_text())
+    variant = "lite" + card["architecture"].split("EfficientNet-Lite", 1)[1][0]
+    size = card["input_size"][0]
+    classes = card["signatures"]["serving_default"]["num_classes"]
+    if "members" not in card.get("training", {}):  # one network
+        cuts = [0]
+    else:
+        cuts = member_cuts(card)
+    low = min(cuts)
+    bottom = multiply_adds(variant, size, 0, low)["total"] if low else 0
+    members = [multiply_adds(variant, size, low, None, classes=classes)["total"] for _ in cuts]
+    share = card.get("cascade", {}).get("test", {}).get("second_member_share")
+    weights = [1.0] + [share if share is not None else 1.0] * (len(members) - 1)
+    total = bottom + sum(w * m for w, m in zip(weights, members))
+    return {"gflops_per_photo": round(2 * total / 1e9, 3), "members": len(members),
+            "second_member_share": share, "how": "2 x multiply-adds of convolutions and heads (training.lite_arch)"}
+
+
+def hardware_limit() -> dict:
+    """What TensorFlow sustains here on the same kind of work: the best of 5 timings of a 1x1
+    convolution shaped like Lite0's middle blocks, and of a 1024^3 matmul (float32)."""
+    import tensorflow as tf
+
+    def best_rate(fn, flops: float) -> float:
+        fn()
+        times = []
+        for _ in range(5):
+            started = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - started)
+        return round(flops / min(times) / 1e9, 1)
+
+    x, w = tf.random.normal([32, 40, 40, 240]), tf.random.normal([1, 1, 240, 480])
+    a, b = tf.random.normal([1024, 1024]), tf.random.normal([1024, 1024])
+    conv = tf.function(lambda: tf.nn.conv2d(x, w, 1, "SAME"))
+    matmul = tf.function(lambda: tf.matmul(a, b))
+    return {"conv1x1_gflops_per_s": best_rate(lambda: conv().numpy(), 2 * 32 * 40 * 40 * 240 * 480),
+            "matmul_gflops_per_s": best_rate(lambda: matmul().numpy(), 2 * 1024**3)}
 
 
 def load(address: str, photos: list[bytes], requests: int, clients: int, **options) -> dict:
@@ -95,7 +166,7 @@ def run(requests: int, log_dir: Path) -> dict:
             services.append(routers[policy])
         for service in services:
             service.wait_healthy()
-        report = {"saved_model_alone": saved_model_alone(photos, requests), "router": {}}
+        report = {"saved_model_alone": saved_model_alone(photos, requests, default_versions()[-2:]), "router": {}}
         for clients in (1, 8):
             n = requests if clients == 1 else 2 * requests
             rows = {"skip_logo": load(routers["uncertain"].address, photos, n, clients, skip_logo=True)}
@@ -121,8 +192,13 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     alone = report["saved_model_alone"]
-    print(f"SavedModel alone ({DEFAULT_GLOBAL_MODEL}, in-process): batch 1 p50 {alone['batch1_ms_p50']} ms, "
-          f"batched {alone['batched_images_per_second']} images/s")
+    print(f"hardware here (TensorFlow, float32): 1x1 conv {alone['hardware']['conv1x1_gflops_per_s']} GFLOP/s, "
+          f"matmul {alone['hardware']['matmul_gflops_per_s']} GFLOP/s")
+    for version, row in alone["versions"].items():
+        print(f"SavedModel alone ({DEFAULT_GLOBAL_MODEL}/{version}, in-process): batch 1 p50 {row['batch1_ms_p50']} ms, "
+              f"batched {row['batched_images_per_second']} images/s, {row['arithmetic']['gflops_per_photo']} GFLOPs "
+              f"a photo: {row['share_of_conv_limit_batched']:.0%} of the conv limit batched, "
+              f"{row['share_of_conv_limit_batch1']:.0%} at batch 1")
     print(f"{'router':12s} {'clients':>7s} {'req/s':>7s} {'p50 ms':>7s} {'p95 ms':>7s} {'req/s vs skip':>13s} "
           f"{'p50 vs skip':>11s} {'failures':>8s}")
     for clients, rows in report["router"].items():

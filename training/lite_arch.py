@@ -63,3 +63,27 @@ def block_list(variant: str) -> list[Block]:
         for i in range(repeats):
             blocks.append(Block(kernel, stride if i == 0 else 1, expand, f_in if i == 0 else f_out, f_out, group))
     return blocks
+
+
+def multiply_adds(variant: str, size: int, start: int = 0, end: int | None = None, stem: bool | None = None,
+                  head: bool | None = None, classes: int = 0) -> dict[str, int]:
+    """Multiply-adds of the convolutions (and a `classes`-way linear head) per image at size x size,
+    for blocks start..end-1, the stem (default: when start == 0) and the head conv + pooling (default:
+    when end is the last block). BatchNorm, ReLU6 and the adds are left out: under 1 % of the work.
+    Returns {part: multiply-adds} with "total"."""
+    blocks = block_list(variant)
+    end = len(blocks) if end is None else end
+    stem = start == 0 if stem is None else stem
+    head = end == len(blocks) if head is None else head
+    res = math.ceil(size / 2)  # after the stride-2 stem
+    parts = {"stem": res * res * 3 * 3 * 3 * STEM_FILTERS if stem else 0}
+    for i, b in enumerate(blocks):
+        hidden = b.filters_in * b.expand
+        res_in, res = res, math.ceil(res / b.stride)
+        if start <= i < end:
+            expand = res_in * res_in * b.filters_in * hidden if b.expand != 1 else 0
+            parts[f"block{i}"] = expand + res * res * b.kernel * b.kernel * hidden + res * res * hidden * b.filters_out
+    if head:
+        parts["head"] = res * res * blocks[-1].filters_out * HEAD_FILTERS + HEAD_FILTERS * classes
+    parts["total"] = sum(parts.values())
+    return parts
