@@ -93,7 +93,10 @@ def test_known_photo_matches_its_brand(matcher, photos):
 
 
 def test_box_lies_inside_the_image_in_original_pixels(matcher, photos):
-    data = photos[HIT_PHOTO].path.read_bytes()
+    # The gallery's own exemplar photo: a strong match at every scale, so this checks the box's
+    # coordinates only. HIT_PHOTO's match is borderline once upscaled and re-encoded: on an
+    # AVX-512 machine its 4x copy matched on some interpolations and codecs and not on others.
+    data = photos[HIT_EXEMPLAR].path.read_bytes()
     small = matcher.match(data)
     h, w = small.height, small.width
     b = small.best.box
