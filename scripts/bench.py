@@ -86,13 +86,12 @@ def arithmetic(version: Path) -> dict:
     from training.lite_savedmodel import member_cuts
 
     card = json.loads((version / "model_card.json").read_text())
-    variant = "lite" + card["architecture"].split("EfficientNet-Lite", 1)[1][0]
     size = card["input_size"][0]
     classes = card["signatures"]["serving_default"]["num_classes"]
-    if "members" not in card.get("training", {}):  # one network
-        cuts = [0]
-    else:
-        cuts = member_cuts(card)
+    if "members" in card.get("training", {}):
+        variant, cuts = member_cuts(card)
+    else:  # one network fine-tuned from its stem (training.lite_import)
+        variant, cuts = "lite" + card["architecture"].split("EfficientNet-Lite", 1)[1][0], [0]
     low = min(cuts)
     bottom = multiply_adds(variant, size, 0, low)["total"] if low else 0
     members = [multiply_adds(variant, size, low, None, classes=classes)["total"] for _ in cuts]

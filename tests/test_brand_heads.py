@@ -89,8 +89,10 @@ def test_decision_rule_needs_two_val_photos_and_no_test_loss():
 
 
 def test_member_cuts_read_from_the_served_card():
+    from training.lite_savedmodel import member_cuts
+
     card = json.loads((Path(__file__).resolve().parent.parent / bh.SERVED / "model_card.json").read_text())
-    variant, cuts = bh.member_cuts(card)
+    variant, cuts = member_cuts(card)
     assert variant == "lite0" and len(cuts) == len(card["training"]["members"]) and min(cuts) >= 1
 
 

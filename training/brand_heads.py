@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -50,38 +49,15 @@ DECISION_RULE = (f"ship a brand model where, on the train-only member (clean val
 
 # ---- the served model's members, rebuilt in Keras from its own variables -----------------------------------
 
-def member_cuts(card: dict) -> tuple[str, list[int]]:
-    """(variant, each member's first fine-tuned block) from the card's lite_features commands."""
-    found = []
-    for member in card["training"]["members"]:
-        words = shlex.split(member["commands"][0])
-        found.append((words[words.index("--variant") + 1], int(words[words.index("--cut") + 1])))
-    return found[0][0], [cut for _, cut in found]
-
-
 def rebuild(export_dir: Path) -> SimpleNamespace:
-    """The served ensemble's Keras parts, restored from its SavedModel's variables: bottom, bridges
-    ({cut: model}), tops, cuts, size, the global heads (kernels [M, 1280, C], biases [M, C]) and the card."""
-    import tensorflow as tf
+    """The served ensemble's Keras parts (training.lite_savedmodel), with the global heads stacked
+    (kernels [M, 1280, C], biases [M, C]) and the card."""
+    from training.lite_savedmodel import load_ensemble  # TensorFlow: only when the model is needed
 
-    from training.efficientnet_lite import build_parts, build_span
-
-    card = json.loads((export_dir / "model_card.json").read_text())
-    variant, cuts = member_cuts(card)
-    size = card["input_size"][0]
-    bottom, _ = build_parts(variant, size, min(cuts))
-    tops = [build_parts(variant, size, cut)[1] for cut in cuts]
-    bridges = {c: build_span(variant, size, min(cuts), c) for c in sorted(set(cuts)) if c > min(cuts)}
-    n_classes = card["signatures"]["serving_default"]["num_classes"]
-    kernels = [{"serving_default": tf.Variable(tf.zeros([1280, n_classes]))} for _ in cuts]
-    biases = [{"serving_default": tf.Variable(tf.zeros([n_classes]))} for _ in cuts]
-    # the same object graph as LiteServable's, so the checkpoint restores by path (ignoring temperatures)
-    tf.train.Checkpoint(bottom=bottom, tops=tops, bridges={f"cut{c}": m for c, m in bridges.items()},
-                        kernels=kernels, biases=biases).read(
-        str(export_dir / "variables" / "variables")).expect_partial().assert_existing_objects_matched()
-    return SimpleNamespace(bottom=bottom, bridges=bridges, tops=tops, cuts=cuts, size=size, card=card,
-                           kernels=np.stack([k["serving_default"].numpy() for k in kernels]),
-                           biases=np.stack([b["serving_default"].numpy() for b in biases]))
+    ensemble = load_ensemble(export_dir)
+    return SimpleNamespace(bottom=ensemble.bottom, bridges=ensemble.bridges, tops=ensemble.tops, cuts=ensemble.cuts,
+                           size=ensemble.size, card=json.loads((export_dir / "model_card.json").read_text()),
+                           kernels=np.stack(ensemble.kernels), biases=np.stack(ensemble.biases))
 
 
 def load_members(export_dir: Path):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,23 +53,21 @@ class Ensemble:
         return tf.nn.softmax(tf.math.log(tf.maximum(mean, 1e-30)) / self.temperatures["serving_default"])
 
 
-def member_cuts(card: dict) -> list[int]:
-    """The cut of each member, from the feature-cache command in the card (`--cut N`)."""
-    cuts = []
+def member_cuts(card: dict) -> tuple[str, list[int]]:
+    """(variant, each member's first fine-tuned block) from the card's feature-cache commands
+    (`training.lite_features --variant lite0 --cut 6 ...`)."""
+    found = []
     for member in card["training"]["members"]:
-        found = [int(m.group(1)) for c in member["commands"] for m in [re.search(r"--cut (\d+)", c)] if m]
-        if not found:
-            raise SystemExit(f"the card does not say member {member['run']}'s cut")
-        cuts.append(found[0])
-    return cuts
+        words = shlex.split(member["commands"][0])
+        found.append((words[words.index("--variant") + 1], int(words[words.index("--cut") + 1])))
+    return found[0][0], [cut for _, cut in found]
 
 
 def load_ensemble(export_dir: Path) -> Ensemble:
     export_dir = Path(export_dir)
     card = json.loads((export_dir / "model_card.json").read_text())
-    variant = "lite" + card["architecture"].split("EfficientNet-Lite", 1)[1][0]
+    variant, cuts = member_cuts(card)
     size = card["input_size"][0]
-    cuts = member_cuts(card)
     low = min(cuts)
     bottom, _ = build_parts(variant, size, low)
     tops = [build_parts(variant, size, cut)[1] for cut in cuts]
