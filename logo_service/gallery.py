@@ -1,6 +1,6 @@
 """The logo gallery the service matches against, loaded from its artifact.
 
-The gallery is built offline (`make gallery`, training/logo_gallery.py) from
+The gallery is built offline (`make gallery`, builders/logo_gallery.py) from
 the TRAIN photos and the plugins' logo artwork, into an artifact folder:
 
     gallery.npz     the arrays below, plain .npz (no pickle)

@@ -40,7 +40,7 @@ from logo_service.gallery import Gallery
 STEPS = ("decode", "sift", "knn", "ratio", "ransac")
 
 
-class _Clock:
+class StepClock:
     """Adds the time since the previous mark to a named step (perf_counter: ~0.1 us per mark)."""
 
     __slots__ = ("steps", "_last")
@@ -133,7 +133,7 @@ class LogoMatcher:
 
     def match(self, image_bytes: bytes) -> MatchResult:
         started = time.perf_counter()
-        clock = _Clock(started)
+        clock = StepClock(started)
         gray = decode_gray(image_bytes)
         clock.mark("decode")
         if gray is None:
@@ -142,22 +142,27 @@ class LogoMatcher:
 
     def match_gray(self, gray: np.ndarray, started: float | None = None) -> MatchResult:
         started = time.perf_counter() if started is None else started
-        return self._match(gray, started, _Clock(started))
+        return self._match(gray, started, StepClock(started))
 
-    def _match(self, gray: np.ndarray, started: float, clock: _Clock) -> MatchResult:
+    def match_features(self, feats: Features, started: float | None = None) -> MatchResult:
+        """Everything after SIFT, on features computed once (the profiler sweeps many settings over one pass)."""
+        started = time.perf_counter() if started is None else started
+        return self._match_features(feats, started, StepClock(started))
+
+    def _match(self, gray: np.ndarray, started: float, clock: StepClock) -> MatchResult:
         p = self.params
         feats = sift_features(gray, p.max_side, p.sift_contrast, p.sift_nfeatures, p.sift_layers)
         clock.mark("sift")
         return self._match_features(feats, started, clock)
 
-    def _match_features(self, feats: Features, started: float, clock: _Clock) -> MatchResult:
-        """Everything after SIFT (scripts/profile_logo.py --sweep reuses one SIFT pass for many settings)."""
+    def _match_features(self, feats: Features, started: float, clock: StepClock) -> MatchResult:
+        """Everything after SIFT, timed on `clock`."""
         candidates = (self._candidates(feats.xy, feats.scale, feats.descriptors, feats.width, feats.height, clock)
                       if len(feats.xy) >= 2 else [])
         ms = (time.perf_counter() - started) * 1000.0
         return MatchResult(candidates, len(feats.xy), feats.width, feats.height, ms, clock.steps)
 
-    def _good_matches(self, desc: np.ndarray, clock: _Clock) -> tuple[np.ndarray, np.ndarray]:
+    def _good_matches(self, desc: np.ndarray, clock: StepClock) -> tuple[np.ndarray, np.ndarray]:
         """(query index, gallery index) pairs that pass both ratio tests."""
         p = self.params
         k = min(p.neighbors, len(self._xy))
@@ -175,7 +180,7 @@ class LogoMatcher:
         return qi, nn[qi, col]
 
     def _candidates(self, qxy: np.ndarray, scale: float, desc: np.ndarray, w: int, h: int,
-                    clock: _Clock) -> list[Candidate]:
+                    clock: StepClock) -> list[Candidate]:
         """Best verified exemplar per brand. qxy: original pixels; scale: SIFT's working size / original."""
         p, g = self.params, self.gallery
         qi, gi = self._good_matches(desc, clock)

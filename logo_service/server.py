@@ -75,7 +75,7 @@ def settings_from_args(args: argparse.Namespace) -> LogoSettings:
             min_inliers = int(report["gate"]["min_inliers"])
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"{args.calibration}: no calibrated gate ({exc}); run "
-                             "`python -m training.logo_calibrate` or set LOGO_MIN_INLIERS") from exc
+                             "`python -m builders.logo_calibrate` or set LOGO_MIN_INLIERS") from exc
         source, calibrated_on = str(args.calibration), report.get("gallery", {}).get("fingerprint")
     if min_inliers < 1:
         raise ValueError(f"min inliers must be >= 1, got {min_inliers}")
@@ -146,7 +146,7 @@ def load_matcher(settings: LogoSettings) -> LogoMatcher:
     gallery, manifest = load_artifact(settings.gallery_dir)
     if settings.calibrated_on and settings.calibrated_on != gallery.fingerprint:
         log_event(logger, "gate calibrated on another gallery", logging.WARNING, gallery=gallery.fingerprint,
-                  calibrated_on=settings.calibrated_on, hint="run `python -m training.logo_calibrate`")
+                  calibrated_on=settings.calibrated_on, hint="run `python -m builders.logo_calibrate`")
     log_event(logger, "gallery loaded", folder=str(settings.gallery_dir), fingerprint=gallery.fingerprint,
               built_at=manifest.get("built_at"), command=manifest.get("command"))
     matcher = LogoMatcher(gallery)

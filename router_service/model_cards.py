@@ -3,7 +3,7 @@
 Every exported version carries `serving_models/<model>/<version>/model_card.json`
 (architecture, input size, how it was trained) and, once `make evaluate` has
 scored it, an `evaluation` section with its test figures per signature
-(written by `python -m training.model_cards`). TF Serving does not serve these
+(written by `python -m evaluation.model_cards`). TF Serving does not serve these
 files, so the router reads them from `ROUTER_MODEL_CARDS_DIR` (the same tree
 TF Serving loads; docker-compose mounts it read-only). A model without a card
 is listed without figures; nothing breaks.

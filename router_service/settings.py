@@ -18,7 +18,7 @@ from common.server import ServerSettings, add_server_arguments, env
 # ResNet50s stay served and can be forced by name for comparison.
 DEFAULT_GLOBAL_MODEL = "efficientnet_lite0"
 # When the logo stage runs (README, "Logo policy"); the threshold of `uncertain` is calibrated
-# on val by training/logo_policy.py into logo_policy.json.
+# on val by builders/logo_policy.py into logo_policy.json.
 ALWAYS, UNCERTAIN = "always", "uncertain"
 LOGO_POLICIES = {
     ALWAYS: "every photo goes through the logo stage, concurrently with the global model",
@@ -108,7 +108,7 @@ def parse_settings(argv: list[str] | None = None) -> RouterSettings:
             uncertain_below = float(json.loads(args.logo_policy_file.read_text())["uncertain_below"])
         except (OSError, ValueError, KeyError, TypeError) as exc:
             parser.error(f"{args.logo_policy_file}: no calibrated threshold ({exc}); run "
-                         "`python -m training.logo_policy` or set ROUTER_LOGO_UNCERTAIN_BELOW")
+                         "`python -m builders.logo_policy` or set ROUTER_LOGO_UNCERTAIN_BELOW")
         uncertain_source = str(args.logo_policy_file)
     if not args.model_server:
         parser.error("the model server address is required: --model-server or MODEL_SERVER_ADDRESS")

@@ -31,8 +31,8 @@ import grpc
 from carrecog.v1 import recognition_service_pb2 as pb
 from carrecog.v1 import recognition_service_pb2_grpc as pb_grpc
 from router_service.settings import DEFAULT_GLOBAL_MODEL
-from scripts.stack import ROOT, SERVING_MODELS, start_logo_service, start_model_server, start_router
-from training.split import load_split
+from harness.stack import ROOT, SERVING_MODELS, start_logo_service, start_model_server, start_router
+from dataset.split import load_split
 
 POLICIES = ("always", "uncertain")
 

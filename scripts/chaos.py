@@ -2,7 +2,7 @@
 
     python -m scripts.chaos [--clients 4] [--phase-s 10] [--out reports/chaos.json]
 
-Starts the three services the way `make run` does (scripts/supervisor.py
+Starts the three services the way `make run` does (harness/supervisor.py
 restarts one that dies; the router with the `always` logo policy, so every
 call depends on the logo service), keeps `--clients` callers sending photos to the
 router and one caller asking its health every 100 ms, and goes through the
@@ -40,8 +40,8 @@ from carrecog.v1 import recognition_service_pb2 as pb
 from carrecog.v1 import recognition_service_pb2_grpc as pb_grpc
 from common import healthcheck
 from common.data import data_dir
-from scripts.stack import ROOT, ServiceProcess, free_port, start_logo_service, start_model_server, start_router
-from scripts.supervisor import Supervisor
+from harness.stack import ROOT, ServiceProcess, free_port, start_logo_service, start_model_server, start_router
+from harness.supervisor import Supervisor
 
 LOGO_TIMEOUT_MS = 1500  # the router's default; "slow" calls are those that waited for it
 PHOTO_IDS = ["00274", "01752", "03205", "00001", "00013", "00160", "00002", "00003"]

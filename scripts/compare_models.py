@@ -15,7 +15,7 @@ import time
 
 import tensorflow as tf
 
-from training.split import load_split
+from dataset.split import load_split
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -84,7 +84,7 @@ _next_photo = itertools.count()  # one round robin over the photos for all users
 def photos() -> list[bytes]:
     """The first LOAD_PHOTOS test-split photos, read once."""
     if not _photos:
-        from training.split import load_split
+        from dataset.split import load_split
 
         _photos.extend(p.path.read_bytes() for p in load_split() if p.split == "test")
         del _photos[int(os.environ.get("LOAD_PHOTOS", "64")):]

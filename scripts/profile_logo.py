@@ -16,9 +16,9 @@ that load from other work on a shared machine hits both alike.
 setting: ms per photo (mean of sift + knn + ratio + ransac; SIFT is computed
 once per SIFT setting and reused), query keypoints, and at the gate in
 logo_service/calibration.json the number of firings and wrong firings on val,
-the error-free threshold on val and the gate training.logo_calibrate would
+the error-free threshold on val and the gate builders.logo_calibrate would
 choose with it, with its firings. A firing is right when the best candidate's
-brand is the photo's own plugin brand (as in training.logo_calibrate).
+brand is the photo's own plugin brand (as in builders.logo_calibrate).
 """
 from __future__ import annotations
 
@@ -35,10 +35,10 @@ import cv2
 from common.plugins import DEFAULT_PLUGINS_DIR, brand_for_make, load_plugins  # noqa: E402
 from logo_service.features import decode_gray, sift_features  # noqa: E402
 from logo_service.gallery import DEFAULT_ARTIFACT_DIR, load_artifact  # noqa: E402
-from logo_service.matcher import STEPS, LogoMatcher, MatcherParams, _Clock  # noqa: E402
-from training.logo_calibrate import DEFAULT_OUT as CALIBRATION  # noqa: E402
-from training.logo_calibrate import FLOOR, SAFETY_INLIERS  # noqa: E402
-from training.split import data_dir, load_split  # noqa: E402
+from logo_service.matcher import STEPS, LogoMatcher, MatcherParams  # noqa: E402
+from builders.logo_calibrate import DEFAULT_OUT as CALIBRATION  # noqa: E402
+from builders.logo_calibrate import FLOOR, SAFETY_INLIERS  # noqa: E402
+from dataset.split import data_dir, load_split  # noqa: E402
 
 # Candidate settings for --sweep (overrides of MatcherParams); the first is today's default.
 SWEEP: list[dict] = [
@@ -144,7 +144,7 @@ def run_sweep(gallery, photos: list, plugins: dict, settings: list[dict], gate: 
         steps, outcomes = [], []
         for f, s_ms, t in zip(feats, sift_ms, truth):
             started = time.perf_counter()
-            r = matcher._match_features(f, started, _Clock(started))
+            r = matcher.match_features(f, started)
             st = dict(r.steps_ms, sift=s_ms)
             steps.append(st)
             b = r.best

@@ -13,8 +13,8 @@ from common.data import data_dir
 from common.plugins import DEFAULT_PLUGINS_DIR, load_plugins
 from logo_service.server import DEFAULT_CALIBRATION
 from router_service.settings import DEFAULT_GLOBAL_MODEL
-from scripts.stack import start_logo_service, start_model_server, start_router
-from training.split import load_split
+from harness.stack import start_logo_service, start_model_server, start_router
+from dataset.split import load_split
 
 
 @pytest.fixture(scope="session")

@@ -105,7 +105,7 @@ def test_a_brand_trained_signature_answers_from_its_own_heads_the_others_stay_re
     from training import data
     from training.efficientnet_lite import build_parts
     from training.export_lite import export_savedmodel
-    from training.split import load_split
+    from dataset.split import load_split
 
     size, rng = 64, np.random.default_rng(4)
     bottom, top_a = build_parts("lite0", size, cut=11)

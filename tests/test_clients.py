@@ -3,7 +3,7 @@
 Each one must print the lines `python -m client` prints for the same photos:
 same fields, same answer, same error codes and messages, exit status 1 after
 a failed image; over mTLS with --ca/--cert/--key. And the stack that
-scripts/stack.py starts (so `make run`) serves gRPC reflection.
+harness/stack.py starts (so `make run`) serves gRPC reflection.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import sys
 import grpc
 import pytest
 
-from scripts.stack import ROOT, start_router
+from harness.stack import ROOT, start_router
 from tests.certs import make_certificates
 
 pytestmark = pytest.mark.integration
@@ -142,7 +142,7 @@ def test_client_over_mtls(name, mtls_router, no_logo_photo):
 
 
 def test_the_stack_serves_reflection(model_server, logo_service, router):
-    """What scripts/stack.py starts (`make run`, the tests) can be listed with buf curl over reflection."""
+    """What harness/stack.py starts (`make run`, the tests) can be listed with buf curl over reflection."""
     buf = ROOT / "node_modules" / ".bin" / "buf"
     if not buf.exists():
         pytest.fail("node_modules/.bin/buf is missing: run `make clients` (npm install)")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from scripts.mesh import CLUSTER, LISTENER, TEMPLATE, TEMPLATE_CERTS, MeshTls, make_certs, render, validate, write_config
+from harness.mesh import CLUSTER, LISTENER, TEMPLATE, TEMPLATE_CERTS, MeshTls, make_certs, render, validate, write_config
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "k8s"

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from training import data
-from training.split import load_split
+from dataset.split import load_split
 from training.train import Config, teacher_targets
 
 

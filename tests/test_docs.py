@@ -22,7 +22,7 @@ def test_readme_model_table_matches_the_model_cards():
     readme = (ROOT / "README.md").read_text()
     for name, card in served_cards().items():
         scores = card.get("evaluation", {}).get("signatures", {})
-        assert scores, f"{name}: no test figures in its card; run make evaluate and training.model_cards"
+        assert scores, f"{name}: no test figures in its card; run make evaluate and evaluation.model_cards"
         for signature, s in scores.items():
             row = next((line for line in readme.splitlines()
                         if line.startswith(f"| `{name}` v{card['served']} ({signature})")

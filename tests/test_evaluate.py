@@ -5,7 +5,7 @@ import json
 
 from common.data import data_dir
 from router_service.settings import DEFAULT_GLOBAL_MODEL as GLOBAL
-from training.evaluate import main as evaluate_main
+from evaluation.evaluate import main as evaluate_main
 
 IDS = ["00274", "01752", "03205", "00160", "05353", "00001"]
 

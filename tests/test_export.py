@@ -17,7 +17,7 @@ import tensorflow as tf
 from model_server.repository import load_servable
 from model_server.warmup import run_warmup
 from training import data, export
-from training.split import load_split
+from dataset.split import load_split
 from training.train import Config, build_model, compile_model, new_state, save_checkpoint
 
 SIZE = 32

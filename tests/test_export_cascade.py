@@ -36,7 +36,7 @@ def test_a_first_member_that_never_agrees_always_asks_the_ensemble():
 @pytest.mark.slow
 def test_the_served_ensemble_rebuilds_exactly_from_its_savedmodel():
     from training.lite_savedmodel import check
-    from training.split import load_split
+    from dataset.split import load_split
 
     versions = sorted((p for p in (ROOT / "serving_models" / "efficientnet_lite0").iterdir() if p.name.isdigit()),
                       key=lambda p: int(p.name))

@@ -19,7 +19,7 @@ from common.plugins import DEFAULT_PLUGINS_DIR, load_plugins
 from training import data
 from training.efficientnet_lite import build_parts, block_list
 from training.export_lite import bridge, choose_temperatures, copy_weights_by_name, export_savedmodel
-from training.split import data_dir, load_split, split_hash
+from dataset.split import data_dir, load_split, split_hash
 
 SIZE = 64
 TEMPERATURES = {"serving_default": 0.8, "audi": 1.5}  # the ensemble's, one per signature

@@ -17,8 +17,8 @@ from carrecog.v1 import recognition_service_pb2 as pb
 from carrecog.v1 import recognition_service_pb2_grpc as pb_grpc
 from router_service.server import SERVICE_NAME as SERVICE
 from router_service.settings import DEFAULT_GLOBAL_MODEL as GLOBAL
-from scripts.stack import ROOT, free_port, start_logo_service, start_model_server, start_router
-from scripts.supervisor import Supervisor
+from harness.stack import ROOT, free_port, start_logo_service, start_model_server, start_router
+from harness.supervisor import Supervisor
 from tests import images
 from tests.conftest import DEFAULT_MODEL_ONLY, LOGO_ALWAYS
 from tests.certs import make_certificates
@@ -219,7 +219,7 @@ def test_tls_and_mtls(make_router, certificates):
 
 
 def test_make_run_restarts_a_dead_service_while_the_others_keep_serving(model_server, stack_logs, logo_hit):
-    """What `make run` does (scripts/run_stack.py): a killed logo service only degrades answers, then is back."""
+    """What `make run` does (harness/run_stack.py): a killed logo service only degrades answers, then is back."""
     log = io.StringIO()
     supervisor = Supervisor(min_backoff_s=0.5, log=log)
     folder = stack_logs / "supervised"

@@ -21,7 +21,7 @@ from router_service.catalog import ModelCatalog
 from router_service.routing import MAX_IMAGE_ID_CHARS
 from router_service.settings import DEFAULT_GLOBAL_MODEL as GLOBAL
 from router_service.tf_serving import TfServingClient
-from scripts.stack import ROOT, start_logo_service, start_model_server, start_router
+from harness.stack import ROOT, start_logo_service, start_model_server, start_router
 from tests import images
 from tests.certs import make_certificates
 from tests.conftest import DEFAULT_MODEL_ONLY, LOGO_ALWAYS

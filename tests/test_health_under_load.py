@@ -19,7 +19,7 @@ from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc
 from carrecog.v1 import recognition_service_pb2 as pb
 from router_service.health import STATUS_TIMEOUT_S, can_answer
 from router_service.settings import DEFAULT_GLOBAL_MODEL as GLOBAL
-from scripts.stack import start_model_server, start_router
+from harness.stack import start_model_server, start_router
 from tests import images
 from tests.conftest import DEFAULT_MODEL_ONLY
 from tests.test_faults import stub_for

@@ -17,7 +17,7 @@ from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 from carrecog.v1 import recognition_service_pb2 as pb
 from carrecog.v1 import recognition_service_pb2_grpc as pb_grpc
 from router_service.settings import DEFAULT_GLOBAL_MODEL as GLOBAL
-from scripts.stack import start_router
+from harness.stack import start_router
 from tests import images
 
 pytestmark = pytest.mark.integration

@@ -6,7 +6,18 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVING = ["common", "logo_service", "router_service", "model_server", "client"]
-OFFLINE = {"training", "scripts", "tests"}
+# Each offline room and the rooms it may import (besides itself and the serving code). Dependencies
+# point one way: serving <- dataset <- builders (serving artifacts) <- training <- evaluation; the stack
+# harness is used by tools, evaluation and tests, never by serving, and itself uses serving code only.
+OFFLINE = {
+    "dataset": set(),
+    "harness": set(),
+    "builders": {"dataset"},
+    "training": {"dataset", "builders"},
+    "evaluation": {"dataset", "builders", "training", "harness"},
+    "scripts": {"dataset", "builders", "training", "evaluation", "harness"},
+    "tests": {"dataset", "builders", "training", "evaluation", "harness", "scripts"},
+}
 
 
 def imported_packages(path: Path) -> set[str]:
@@ -19,11 +30,46 @@ def imported_packages(path: Path) -> set[str]:
     return found
 
 
-def test_serving_code_never_imports_training_scripts_or_tests():
-    offenders = {str(path.relative_to(ROOT)): sorted(imported_packages(path) & OFFLINE)
+def room_imports() -> dict[str, set[str]]:
+    """Room -> the other project rooms its Python files import."""
+    rooms = SERVING + list(OFFLINE)
+    return {room: {package for path in (ROOT / room).rglob("*.py") for package in imported_packages(path)
+                   if package in rooms and package != room}
+            for room in rooms}
+
+
+def test_serving_code_never_imports_offline_code():
+    offenders = {str(path.relative_to(ROOT)): sorted(imported_packages(path) & set(OFFLINE))
                  for package in SERVING for path in (ROOT / package).rglob("*.py")
-                 if imported_packages(path) & OFFLINE}
+                 if imported_packages(path) & set(OFFLINE)}
     assert offenders == {}
+
+
+def test_each_offline_room_imports_only_the_rooms_below_it():
+    imports = room_imports()
+    wrong = {room: sorted(imports[room] - set(SERVING) - allowed) for room, allowed in OFFLINE.items()
+             if imports[room] - set(SERVING) - allowed}
+    assert wrong == {}
+
+
+def test_no_loop_between_folders():
+    imports = room_imports()
+
+    def reaches(start: str, goal: str, seen: set[str]) -> bool:
+        return any(nxt == goal or (nxt not in seen and reaches(nxt, goal, seen | {nxt})) for nxt in imports[start])
+
+    assert [room for room in imports if reaches(room, room, {room})] == []
+
+
+def test_offline_code_uses_only_public_names_of_serving_code():
+    private = []
+    for room in OFFLINE:
+        for path in (ROOT / room).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+                if (isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in SERVING
+                        and any(alias.name.startswith("_") for alias in node.names)):
+                    private.append(f"{path.relative_to(ROOT)}: {node.module}")
+    assert private == []
 
 
 def test_no_test_hard_codes_a_machine_path():

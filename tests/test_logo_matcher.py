@@ -17,13 +17,13 @@ import pytest
 
 from common.plugins import DEFAULT_PLUGINS_DIR, load_plugins
 from logo_service.gallery import Gallery
-from training.logo_calibrate import DEFAULT_OUT as CALIBRATION
-from training.logo_gallery import cached_gallery
+from builders.logo_calibrate import DEFAULT_OUT as CALIBRATION
+from builders.logo_gallery import cached_gallery
 from logo_service.matcher import STEPS, LogoMatcher, UndecodableImage
-from training.split import Photo, data_dir, load_split
+from dataset.split import Photo, data_dir, load_split
 
 # A test-split Chrysler photo whose grille emblem matches train photo 03784 (not a near-duplicate:
-# 18 SIFT matches under one similarity transform, below the split's 25; training/near_duplicates.py).
+# 18 SIFT matches under one similarity transform, below the split's 25; dataset/near_duplicates.py).
 HIT_PHOTO, HIT_BRAND, HIT_BRAND_NAME, HIT_EXEMPLAR = "08047", "chrysler", "Chrysler", "03784"
 # A test-split Nissan photo: no plugin brand, nothing in the gallery looks like it.
 MISS_PHOTO = "00088"

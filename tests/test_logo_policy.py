@@ -68,9 +68,9 @@ def test_uncertain_threshold_decides_whether_the_logo_is_asked(make_router, logo
 
 
 def test_logo_reach_counts_what_the_matcher_sees_on_the_models_errors():
-    """training.logo_reach: an error is fixable only when the matcher verifies the true brand; a
+    """builders.logo_reach: an error is fixable only when the matcher verifies the true brand; a
     corroborated gate fires only where the model gives the brand enough probability."""
-    from training.logo_reach import gate_row, reach
+    from builders.logo_reach import gate_row, reach
 
     makes = ["Chevrolet", "GMC"]
 

@@ -1,4 +1,4 @@
-"""A real Envoy (deploy/envoy/envoy.yaml via scripts/mesh.py) in front of three real routers.
+"""A real Envoy (deploy/envoy/envoy.yaml via harness/mesh.py) in front of three real routers.
 
 Clients speak TLS to Envoy, Envoy speaks mTLS and HTTP/2 to the routers. Two
 routers are SERVING; the third is started against a model server address where
@@ -23,8 +23,8 @@ import yaml
 from carrecog.v1 import recognition_service_pb2 as pb
 from carrecog.v1 import recognition_service_pb2_grpc as pb_grpc
 from common.channels import tls_credentials
-from scripts.mesh import MeshTls, make_certs, render, router_tls_env, start_envoy, write_config
-from scripts.stack import ROOT, free_port, start_router
+from harness.mesh import MeshTls, make_certs, render, router_tls_env, start_envoy, write_config
+from harness.stack import ROOT, free_port, start_router
 
 pytestmark = pytest.mark.integration
 

@@ -1,6 +1,6 @@
 """Prometheus metrics (common.metrics): a real Prometheus scrapes the session's stack.
 
-The session fixtures' services take ephemeral metrics ports (scripts/stack.py reads
+The session fixtures' services take ephemeral metrics ports (harness/stack.py reads
 them from `<port file>.metrics`); the committed deploy/prometheus/prometheus.yml is
 rendered with those ports and a 1 s scrape interval and run by the real `prometheus`
 (Debian package, installed by `make prometheus`, a prerequisite of `make test`).

@@ -6,13 +6,13 @@ import dataclasses
 import cv2
 import numpy as np
 
-from training.near_duplicates import cross_class_pairs, sift_features, similarity_inliers
-from training.split import SPLIT_ORDER, keep_groups_together, load_split, near_duplicate_groups
+from dataset.near_duplicates import cross_class_pairs, sift_features, similarity_inliers
+from dataset.split import SPLIT_ORDER, keep_groups_together, load_split, near_duplicate_groups
 
 
 def test_no_near_duplicate_group_straddles_the_split():
     groups = near_duplicate_groups()
-    assert groups, "training/near_duplicate_groups.json is missing or empty"
+    assert groups, "dataset/near_duplicate_groups.json is missing or empty"
     split = {p.image_id: p.split for p in load_split()}
     for group in groups:
         assert len({split[i] for i in group}) == 1, group

@@ -11,7 +11,7 @@ from carrecog.v1 import recognition_service_pb2 as pb
 from client.__main__ import main as client_main
 from router_service.settings import DEFAULT_GLOBAL_MODEL as GLOBAL
 from tests import images
-from training.split import load_split
+from dataset.split import load_split
 
 pytestmark = pytest.mark.integration
 

@@ -28,7 +28,7 @@ from carrecog.v1 import recognition_service_pb2 as pb
 from carrecog.v1 import recognition_service_pb2_grpc as pb_grpc
 from common import tracing
 from common.server import GrpcServer, ServerSettings
-from scripts.stack import SERVING_MODELS
+from harness.stack import SERVING_MODELS
 
 pytestmark = pytest.mark.integration
 

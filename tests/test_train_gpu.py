@@ -124,7 +124,7 @@ def test_resnet50_v1_job_dry_run(tmp_path):
     assert set(card["signatures"]) == {"serving_default", "audi", "bmw", "chevrolet"}
 
     # 5. TensorFlow loads it and answers on a real photo
-    from training.split import load_split
+    from dataset.split import load_split
 
     photo = next(p for p in load_split() if p.split == "test" and p.class_id == CLASS_IDS[0])
     loaded = tf.saved_model.load(str(export_dir))
@@ -199,7 +199,7 @@ def test_gpu_train_job_dry_run(tmp_path, job):
     assert set(card["signatures"]) == {"serving_default", "audi", "bmw", "chevrolet"}
 
     # 5. TensorFlow loads it and answers on a real photo
-    from training.split import load_split
+    from dataset.split import load_split
 
     photo = next(p for p in load_split() if p.split == "test" and p.class_id == CLASS_IDS[0])
     loaded = tf.saved_model.load(str(export_dir))

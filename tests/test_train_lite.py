@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from common.plugins import DEFAULT_PLUGINS_DIR, load_plugins
-from training.split import data_dir, load_split, split_hash
+from dataset.split import data_dir, load_split, split_hash
 from training.train_lite import cutmix
 
 

@@ -35,7 +35,7 @@ import numpy as np
 
 from common.plugins import DEFAULT_PLUGINS_DIR, load_plugins
 from training.metrics import expected_calibration_error, fit_temperature
-from training.split import Photo, data_dir, load_split, split_hash
+from dataset.split import Photo, data_dir, load_split, split_hash
 
 SERVED = Path("serving_models/efficientnet_lite0/8")
 CACHE_DIR = Path("runs/brand_heads")

@@ -14,7 +14,7 @@ The version goes to --base, runs/brand_heads/serving by default, not serving_mod
 model's highest version, so a folder there replaces the default. It is complete (card, assets, warm-up
 requests) and measured from raw bytes, and every signature's top-1 must equal what training.brand_heads
 computed from the cached features (the source's own figures for the unchanged ones), or nothing is written.
-Moving it into serving_models is then `mv`, followed by `make evaluate` and training.model_cards
+Moving it into serving_models is then `mv`, followed by `make evaluate` and evaluation.model_cards
 (the card has no `evaluation` until then).
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ from training.brand_heads import DECISION_RULE, SERVED, measure, rebuild
 from training.export import dir_bytes
 from training.export_lite import export_savedmodel
 from training.export_lite import measure as measure_from_bytes
-from training.split import load_split
+from dataset.split import load_split
 from training.train import machine
 from training.warmup import write_warmup_requests
 

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import tensorflow as tf
 
-from training.split import Photo
+from dataset.split import Photo
 
 PREPROCESSING = {
     "function": "training.data.preprocess",

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from training.metrics import expected_calibration_error, fit_temperature
-from training.split import load_split
+from dataset.split import load_split
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVING = ROOT / "serving_models"

@@ -46,7 +46,7 @@ from common.plugins import DEFAULT_PLUGINS_DIR, load_plugins
 from training import data
 from training.image_guard import check_image_sizes
 from training.metrics import expected_calibration_error, fit_temperature
-from training.split import Photo, data_dir, load_split, split_hash
+from dataset.split import Photo, data_dir, load_split, split_hash
 from training.train import load_checkpoint, machine
 from training.warmup import write_warmup_requests
 

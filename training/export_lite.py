@@ -60,7 +60,7 @@ from training.efficientnet_lite import build_parts, build_span, load_imagenet_we
 from training.export import (SignatureModule, dir_bytes, labels_asset_name, predict_files, signature_outputs,
                              topk_metrics)
 from training.metrics import fit_temperature
-from training.split import load_split, split_hash
+from dataset.split import load_split, split_hash
 from training.train import machine
 from training.warmup import write_warmup_requests
 

@@ -38,7 +38,7 @@ import numpy as np
 import tensorflow as tf
 
 from training import data
-from training.split import Photo, load_split, split_hash
+from dataset.split import Photo, load_split, split_hash
 
 TEACHER = "efficientnet_lite0"
 LOGP_FLOOR = -30.0

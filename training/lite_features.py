@@ -31,7 +31,7 @@ import tensorflow as tf
 
 from training import data
 from training.efficientnet_lite import VARIANTS, build_parts, load_imagenet_weights
-from training.split import load_split, split_hash
+from dataset.split import load_split, split_hash
 
 CHUNK = 128
 

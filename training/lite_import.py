@@ -68,7 +68,7 @@ def import_run(weights: Path, arch: str, version: int, model_name: str, base: st
                force: bool = False, argv: list[str] | None = None, parity_photos: int = 4) -> tuple[Path, dict]:
     from training import data
     from training.export import export_model
-    from training.split import load_split
+    from dataset.split import load_split
 
     t0 = time.time()
     state, history = read_network(weights, arch)

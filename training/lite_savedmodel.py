@@ -100,7 +100,7 @@ def check(export_dir: Path, photos: list[Path]) -> float:
 
 
 if __name__ == "__main__":
-    from training.split import load_split
+    from dataset.split import load_split
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("export_dir", type=Path)

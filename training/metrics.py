@@ -1,4 +1,4 @@
-"""Scores for `training.evaluate`: accuracy, make accuracy, logo gate, calibration, and the reports."""
+"""Scores for `evaluation.evaluate`: accuracy, make accuracy, logo gate, calibration, and the reports."""
 from __future__ import annotations
 
 import collections

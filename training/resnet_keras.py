@@ -173,7 +173,7 @@ def import_run(weights: Path, version: int, model_name: str = "global", base: st
     from training import data
     from training.export import export_model
     from training.gpu_train import read_network, training_record
-    from training.split import load_split
+    from dataset.split import load_split
 
     t0 = time.time()
     if arch:
@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
     i.add_argument("--force", action="store_true")
     args = p.parse_args(argv)
     if args.command == "check":
-        from training.split import load_split
+        from dataset.split import load_split
 
         photos = args.photos or [p.path for p in load_split() if p.split == "val"][:4]
         if args.weights:

@@ -39,7 +39,7 @@ import tensorflow as tf
 
 from common.plugins import DEFAULT_PLUGINS_DIR, load_plugins
 from training import data
-from training.split import Photo, data_dir, load_split, split_hash
+from dataset.split import Photo, data_dir, load_split, split_hash
 
 ARCHS = ("resnet50",)
 

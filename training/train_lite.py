@@ -55,7 +55,7 @@ from training.efficientnet_lite import build_parts, load_imagenet_weights
 from training.export import topk_metrics
 from training.lite_features import load as load_features
 from training.metrics import expected_calibration_error, fit_temperature
-from training.split import data_dir, load_split
+from dataset.split import data_dir, load_split
 from training.train import machine, write_json
 
 

@@ -1,6 +1,6 @@
 """Start the three services as real processes and wait until they are healthy.
 
-Used by `make run` (scripts/run_stack.py) and by the integration tests, so
+Used by `make run` (harness/run_stack.py) and by the integration tests, so
 both exercise the same command lines and environment variables.
 """
 from __future__ import annotations

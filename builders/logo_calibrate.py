@@ -1,6 +1,6 @@
 """Choose the logo acceptance gate on VAL photos, then measure it on TEST photos.
 
-    python -m training.logo_calibrate [--out logo_service/calibration.json]
+    python -m builders.logo_calibrate [--out logo_service/calibration.json]
 
 Every val/test photo of all 49 makes goes through the real matcher. A photo
 "fires" when its best candidate has at least `min_inliers` inliers; a firing
@@ -27,8 +27,8 @@ import cv2
 
 from common.plugins import DEFAULT_PLUGINS_DIR, brand_for_make, load_plugins
 from logo_service.matcher import LogoMatcher
-from training.logo_gallery import load_or_build
-from training.split import Photo, data_dir, load_split
+from builders.logo_gallery import load_or_build
+from dataset.split import Photo, data_dir, load_split
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "logo_service" / "calibration.json"
 SAFETY_INLIERS = 4  # the gate sits this far above the highest wrong firing seen on val: two builds of the
@@ -123,7 +123,7 @@ def sweep(outcomes: list[Outcome]) -> dict[str, list[int]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m training.logo_calibrate", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m builders.logo_calibrate", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--plugins-dir", type=Path, default=DEFAULT_PLUGINS_DIR)
     parser.add_argument("--cache-dir", type=Path, default=None, help="build cache ($CARRECOG_CACHE_DIR/logo_gallery)")
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
         "gallery": {"fingerprint": gallery.fingerprint, "descriptors": int(len(gallery.descriptors)),
                     "exemplars": int(len(gallery.exemplar_names)), **json.loads(gallery.build_info)},
         "matcher": asdict(matcher.params),
-        "command": "python -m training.logo_calibrate",
+        "command": "python -m builders.logo_calibrate",
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}, "
                    f"opencv {cv2.__version__}, one thread",
         "seconds": round(time.perf_counter() - started, 1),

@@ -1,7 +1,7 @@
 """Can the logo stage fix the default model's make errors? Where the model names the wrong make,
 does the SIFT matcher see the photo's true brand at all?
 
-    python -m training.logo_reach [--out reports/logo_reach.json] [--model-dir serving_models/efficientnet_lite0/6]
+    python -m builders.logo_reach [--out reports/logo_reach.json] [--model-dir serving_models/efficientnet_lite0/6]
 
 Every val and test photo goes through the real matcher (every verified candidate, not only the
 best) and the served default model (its make probabilities, as the router sums them). Reported
@@ -32,10 +32,10 @@ import numpy as np
 from common.plugins import DEFAULT_PLUGINS_DIR, brand_for_make, load_plugins
 from logo_service.matcher import LogoMatcher
 from router_service.settings import DEFAULT_GLOBAL_MODEL, DEFAULT_LOGO_POLICY_FILE
-from training.logo_calibrate import clopper_pearson_lower
-from training.logo_gallery import load_or_build
-from training.logo_policy import latest_version, make_probabilities
-from training.split import data_dir, load_split
+from builders.logo_calibrate import clopper_pearson_lower
+from builders.logo_gallery import load_or_build
+from builders.logo_policy import latest_version, make_probabilities
+from dataset.split import data_dir, load_split
 
 DEFAULT_OUT = Path("reports/logo_reach.json")
 THRESHOLDS = (3, 4, 5, 6, 8, 10)
@@ -80,7 +80,7 @@ def reach(photos: list[dict], makes: list[str], uncertain_below: float = 1.0) ->
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m training.logo_reach", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m builders.logo_reach", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--model-dir", type=Path, default=None, help="default: the served default model")
     args = parser.parse_args(argv)
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     matcher = LogoMatcher(load_or_build(DEFAULT_PLUGINS_DIR, root, None))
     model_dir = args.model_dir or latest_version(DEFAULT_GLOBAL_MODEL)
     uncertain_below = json.loads(DEFAULT_LOGO_POLICY_FILE.read_text())["uncertain_below"]
-    report = {"model": str(model_dir), "uncertain_below": uncertain_below, "command": "python -m training.logo_reach " + " ".join(
+    report = {"model": str(model_dir), "uncertain_below": uncertain_below, "command": "python -m builders.logo_reach " + " ".join(
         argv if argv is not None else sys.argv[1:])}
     for split in ("val", "test"):
         subset = [p for p in load_split(root) if p.split == split]

@@ -1,7 +1,7 @@
 """Evaluate the whole pipeline and every model alone on labelled photos.
 
-    python -m training.evaluate --labels LABELS.csv --images-root DIR --out report.json
-    python -m training.evaluate --out report.json        # the shared test split
+    python -m evaluation.evaluate --labels LABELS.csv --images-root DIR --out report.json
+    python -m evaluation.evaluate --out report.json        # the shared test split
 
 LABELS has the columns of stanford_cars/labels.csv (image_id, file, class_id,
 class_name, make, model, year; `file` relative to DIR). The evaluation starts
@@ -25,9 +25,9 @@ from carrecog.v1 import recognition_service_pb2_grpc as pb_grpc
 from common.data import data_dir
 from common.plugins import DEFAULT_PLUGINS_DIR, load_plugins
 from router_service.catalog import ModelCatalog
-from scripts.stack import start_logo_service, start_model_server, start_router
+from harness.stack import start_logo_service, start_model_server, start_router
 from training.metrics import Scores, write_reports
-from training.split import load_split, read_labels
+from dataset.split import load_split, read_labels
 
 BATCH = 16
 RESTRICT_TOP_K = 50  # the router's largest top_k: enough candidates to restrict the global answer to a brand
@@ -102,7 +102,7 @@ def global_restricted(rows: list[dict], results: list[pb.RecognizeResult], model
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m evaluation.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--labels", type=Path, help="labels CSV (default: the shared test split)")
     parser.add_argument("--images-root", type=Path, help="folder the CSV's `file` column is relative to")

@@ -1,10 +1,10 @@
 """Envoy in front of the routers: render its config, make certificates, run it; `make run-mesh`.
 
-    python -m scripts.mesh render --listen 127.0.0.1:8080 --upstream 127.0.0.1:50050 [--upstream ...]
+    python -m harness.mesh render --listen 127.0.0.1:8080 --upstream 127.0.0.1:50050 [--upstream ...]
                                   [--admin-port 9901] [--certs DIR | --edge-cert ... ] [--plaintext-clients]
                                   [--out envoy.yaml]
-    python -m scripts.mesh certs DIR          # a throwaway CA and the edge, router and Envoy-client certs
-    python -m scripts.mesh run [--routers 2] [--plaintext-clients] [IMAGES...]   # make run-mesh
+    python -m harness.mesh certs DIR          # a throwaway CA and the edge, router and Envoy-client certs
+    python -m harness.mesh run [--routers 2] [--plaintext-clients] [IMAGES...]   # make run-mesh
 
 The committed deploy/envoy/envoy.yaml is the template: render() keeps everything
 in it (health checks, retries, retry budget, outlier detection, timeouts) and
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import yaml
 
-from scripts.stack import LoggedProcess, wait_for_file
+from harness.stack import LoggedProcess, wait_for_file
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = ROOT / "deploy" / "envoy" / "envoy.yaml"
@@ -170,7 +170,7 @@ def render(listen: str, upstreams: list[str], tls: MeshTls, admin_port: int = 99
 def write_config(path: Path | str, config: dict) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("# rendered by scripts/mesh.py from deploy/envoy/envoy.yaml\n"
+    path.write_text("# rendered by harness/mesh.py from deploy/envoy/envoy.yaml\n"
                     + yaml.safe_dump(config, sort_keys=False))
     return path
 
@@ -285,8 +285,8 @@ def start_envoy(config_path: Path | str, log_dir: Path | str | None = None, log_
 
 def run(args: argparse.Namespace) -> int:
     from client.__main__ import main as client_main
-    from scripts.run_stack import default_images
-    from scripts.stack import start_logo_service, start_model_server, start_router
+    from harness.run_stack import default_images
+    from harness.stack import start_logo_service, start_model_server, start_router
 
     def _stop(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
@@ -334,7 +334,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m scripts.mesh", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m harness.mesh", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 

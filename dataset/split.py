@@ -3,7 +3,7 @@
 Stratified by class with a fixed seed; exact duplicate files (same SHA-256)
 are kept together on one side, so no photo is both trained on and tested on.
 Near-duplicates (the same press photo recropped or recoloured; the groups in
-`near_duplicate_groups.json`, written by `python -m training.near_duplicates
+`near_duplicate_groups.json`, written by `python -m dataset.near_duplicates
 --write-groups`) are kept together too: a group that the stratified draw spreads
 over several splits moves whole to the earliest of them (train, then val, then
 test). Photos only ever move towards train, so a model trained on the split
@@ -11,7 +11,7 @@ before the grouping still never saw a photo of today's val or test split.
 Every consumer (training, the logo gallery, evaluation) calls `load_split`,
 so they all agree on which photos are which.
 
-    python -m training.split            # prints the split's sizes and hash
+    python -m dataset.split            # prints the split's sizes and hash
 """
 from __future__ import annotations
 

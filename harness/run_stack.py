@@ -1,9 +1,9 @@
 """`make run`: start model server, logo service and router; recognise IMAGES; keep serving until Ctrl-C.
 
 A service that dies is restarted on its port while the others keep serving
-(scripts/supervisor.py).
+(harness/supervisor.py).
 
-    python -m scripts.run_stack [IMAGE_OR_FOLDER ...]
+    python -m harness.run_stack [IMAGE_OR_FOLDER ...]
 
 Ports come from MODEL_SERVER_PORT (8500), LOGO_PORT (50051) and ROUTER_PORT
 (50050). With no images given it recognises a few shared Stanford Cars photos.
@@ -16,8 +16,8 @@ import sys
 import time
 
 from client.__main__ import main as client_main
-from scripts.stack import ROOT, start_logo_service, start_model_server, start_router
-from scripts.supervisor import Supervisor
+from harness.stack import ROOT, start_logo_service, start_model_server, start_router
+from harness.supervisor import Supervisor
 from common.data import data_dir
 
 # Test-split photos: three whose logo the gate recognises when the logo stage runs (audi,

@@ -1,7 +1,7 @@
 """Build the logo gallery offline, from TRAIN photos plus the plugins' logo artwork, into its artifact.
 
-    python -m training.logo_gallery build [--out artifacts/logo_gallery] [--force]
-    python -m training.logo_gallery info
+    python -m builders.logo_gallery build [--out artifacts/logo_gallery] [--force]
+    python -m builders.logo_gallery info
 
 Why photos and not only artwork: flat logo artwork hardly matches a chrome
 emblem photographed at an angle (measured: 4 % of photos fired, 1 in 4 right).
@@ -42,7 +42,7 @@ from common.plugins import DEFAULT_PLUGINS_DIR, BrandPlugin, load_plugins
 from logo_service.features import flann_index, logo_gray, sift_features, to_matching_space
 from logo_service.gallery import (ARTIFACT_FORMAT, DEFAULT_ARTIFACT_DIR, GALLERY_FILE, MANIFEST_FILE, Gallery,
                                   load_artifact)
-from training.split import Photo, data_dir, load_split
+from dataset.split import Photo, data_dir, load_split
 
 logger = logging.getLogger("carrecog.logo.gallery")
 
@@ -265,7 +265,7 @@ def write_artifact(gallery: Gallery, folder: Path, command: str, calibration: Pa
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m training.logo_gallery", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m builders.logo_gallery", description=__doc__.split("\n")[0])
     parser.add_argument("command", choices=["build", "info"])
     parser.add_argument("--out", type=Path, default=DEFAULT_ARTIFACT_DIR, help="artifact folder to write")
     parser.add_argument("--plugins-dir", type=Path, default=DEFAULT_PLUGINS_DIR)
@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     cv2.setNumThreads(1)  # the machine is shared; one core is plenty
     gallery = load_or_build(args.plugins_dir, args.data_dir, args.cache_dir, force=args.force)
-    command = "python -m training.logo_gallery " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m builders.logo_gallery " + " ".join(argv if argv is not None else sys.argv[1:])
     current = args.out / MANIFEST_FILE
     if current.is_file() and json.loads(current.read_text()).get("fingerprint") == gallery.fingerprint:
         print(f"{args.out} already holds gallery {gallery.fingerprint}")

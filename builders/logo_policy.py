@@ -1,6 +1,6 @@
 """Calibrate the router's `uncertain` logo policy on VAL photos: below which make confidence to run the logo stage.
 
-    python -m training.logo_policy [--out router_service/logo_policy.json] [--model-dir runs/efficientnet_lite0-8-trainonly]
+    python -m builders.logo_policy [--out router_service/logo_policy.json] [--model-dir runs/efficientnet_lite0-8-trainonly]
 
 A model trained on train + val has seen val: calibrate with its train-only twin (--model-dir, the same
 recipe exported from the train-only runs), whose val confidences are those of unseen photos.
@@ -33,8 +33,8 @@ import tensorflow as tf
 from common.plugins import DEFAULT_PLUGINS_DIR, brand_for_make, load_plugins
 from router_service.settings import DEFAULT_GLOBAL_MODEL, DEFAULT_LOGO_POLICY_FILE
 from router_service.tf_serving import Label, make_index
-from training.logo_calibrate import DEFAULT_OUT as LOGO_CALIBRATION
-from training.split import data_dir, load_split
+from builders.logo_calibrate import DEFAULT_OUT as LOGO_CALIBRATION
+from dataset.split import data_dir, load_split
 
 TARGET = 0.99  # the precision the logo gate is calibrated to
 SERVING_MODELS = Path(__file__).resolve().parent.parent / "serving_models"
@@ -70,7 +70,7 @@ def make_confidences(model_dir: Path, paths: list[Path]) -> tuple[list[str], np.
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m training.logo_policy", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m builders.logo_policy", description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=DEFAULT_GLOBAL_MODEL)
     parser.add_argument("--out", type=Path, default=DEFAULT_LOGO_POLICY_FILE)
     parser.add_argument("--model-dir", type=Path, default=None,
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
                 "gate_firings": int(logo_fired.sum()), "model_make_errors": int((~right).sum())},
         "candidates": table,
         "model": str(args.model_dir) if args.model_dir else f"{args.model} v{model_dir.name}",
-        "command": "python -m training.logo_policy " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m builders.logo_policy " + " ".join(argv if argv is not None else sys.argv[1:]),
         "seconds": round(time.time() - started, 1),
     }
     args.out.write_text(json.dumps(report, indent=1) + "\n")

@@ -1,9 +1,9 @@
 """Near-duplicate photos across the split: the same press photo recropped, rescaled or recoloured.
 
-    python -m training.near_duplicates [--threshold 8] [--sift-inliers 25] [--cross-class-inliers 40]
+    python -m dataset.near_duplicates [--threshold 8] [--sift-inliers 25] [--cross-class-inliers 40]
                                        [--sheet runs/near_duplicates.png] [--write-groups]
 
-Byte-identical files are already kept on one side of the split (training/split.py);
+Byte-identical files are already kept on one side of the split (dataset/split.py);
 near-duplicates are not, so a test photo can be a recrop of a train photo and flatter
 the test figures. Two photos of the same class are linked when either test says so:
 
@@ -31,8 +31,8 @@ convertible and coupe), and every pair from 67 up was the same photo; 60 is the 
 
 It writes `runs/near_duplicates.json`: the groups, and the test photos that have a
 near-duplicate in train or val. `--write-groups` stores the groups in
-`training/near_duplicate_groups.json`, which the split reads to keep each group on one
-side (training/split.py); after that, no group straddles splits.
+`dataset/near_duplicate_groups.json`, which the split reads to keep each group on one
+side (dataset/split.py); after that, no group straddles splits.
 """
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from training.split import NEAR_DUPLICATE_GROUPS, Photo, load_split
+from dataset.split import NEAR_DUPLICATE_GROUPS, Photo, load_split
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "runs" / "near_duplicates.json"
@@ -212,7 +212,7 @@ def contact_sheet(photos: list[Photo], pairs: list[tuple[int, int, int]], path: 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m training.near_duplicates", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m dataset.near_duplicates", description=__doc__.split("\n")[0])
     parser.add_argument("--threshold", type=int, default=8,
                         help="most differing hash bits of a near-duplicate (8: checked by eye, see README)")
     parser.add_argument("--sift-inliers", type=int, default=25,
@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
             "method": f"same class, and pHash (photo or mirror image) at most {args.threshold} of 64 bits apart "
                       f"or at least {args.sift_inliers} SIFT matches fitting one similarity transform; any two "
                       f"classes, at least {args.cross_class_inliers} such matches (FLANN-voted candidates)",
-            "command": f"python -m training.near_duplicates --threshold {args.threshold} "
+            "command": f"python -m dataset.near_duplicates --threshold {args.threshold} "
                        f"--sift-inliers {args.sift_inliers} --cross-class-inliers {args.cross_class_inliers} "
                        "--write-groups",
             "groups": report["group_members"]}, indent=1) + "\n")

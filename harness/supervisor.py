@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from scripts.stack import ServiceProcess
+from harness.stack import ServiceProcess
 
 Starter = Callable[[int], ServiceProcess]  # port -> a started service
 

@@ -1,6 +1,6 @@
 """Write what `make evaluate` measured into the model card of each served version.
 
-    python -m training.model_cards --report reports/test_split.json
+    python -m evaluation.model_cards --report reports/test_split.json
 
 For every model and signature the report scored alone (its own makes' test
 photos, through the router with force_model), the served version's
@@ -8,7 +8,7 @@ photos, through the router with force_model), the served version's
 make top-1 and ECE, with the command, the date and the hash of the split the
 test photos came from. That can be newer than the split the model was trained
 on (the card's `split_hash`): grouping near-duplicates only ever moves photos
-into train (training/split.py), so today's test photos were never trained on.
+into train (dataset/split.py), so today's test photos were never trained on.
 The router's ListModels reads them (router_service/model_cards.py), so a
 client sees how good each model is.
 """
@@ -19,7 +19,7 @@ import json
 import time
 from pathlib import Path
 
-from training.split import load_split, split_hash
+from dataset.split import load_split, split_hash
 
 SERVING_MODELS = Path(__file__).resolve().parent.parent / "serving_models"
 
@@ -30,7 +30,7 @@ def served_version(models_dir: Path, name: str) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m training.model_cards", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m evaluation.model_cards", description=__doc__.split("\n")[0])
     parser.add_argument("--report", type=Path, required=True, help="the JSON report of make evaluate")
     parser.add_argument("--models-dir", type=Path, default=SERVING_MODELS)
     args = parser.parse_args(argv)
