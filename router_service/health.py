@@ -30,6 +30,7 @@ import grpc
 from common.logs import log_event
 from common.server import GrpcServer
 from router_service.catalog import ModelCatalog
+from router_service.localizer import Localizer
 
 logger = logging.getLogger("carrecog.router")
 RECOVERY_POLL_S = 0.25
@@ -52,16 +53,21 @@ def can_answer(status: bool | grpc.StatusCode, answered_lately: bool) -> bool:
     return answered_lately
 
 
-async def watch_downstreams(server: GrpcServer, catalog: ModelCatalog, interval_s: float) -> None:
+async def watch_downstreams(server: GrpcServer, catalog: ModelCatalog, interval_s: float,
+                            localizer: Localizer | None = None) -> None:
     """Set the router's health from the evidence above, for as long as the router runs.
 
     After a model-server outage the router is SERVING again as soon as the
     global model's status is AVAILABLE (it kept the model's metadata; a new
     version is picked up on the next Predict); models never discovered are
     discovered all at once, in the background once the global model is known.
+    The localiser never changes the health (without it photos are classified
+    whole); it is probed in the background until it has answered once, so that
+    ListModels can say which version is served.
     """
     serving = False
     catching_up: asyncio.Task | None = None
+    probing: asyncio.Task | None = None
     previous_check = time.monotonic()
     while True:
         started = time.monotonic()
@@ -82,6 +88,8 @@ async def watch_downstreams(server: GrpcServer, catalog: ModelCatalog, interval_
                 catching_up is None or catching_up.done()):
             # brand models catch up while the router already serves
             catching_up = asyncio.create_task(catalog.refresh(timeout=30.0, only_unavailable=True))
+        if ok and localizer is not None and not localizer.version and (probing is None or probing.done()):
+            probing = asyncio.create_task(localizer.check(timeout=30.0))
         if ok != serving:
             serving = ok
             await server.set_serving(ok)

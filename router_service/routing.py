@@ -21,6 +21,7 @@ from common.images import InvalidImage, validate_image
 from common.logs import REQUEST_ID, log_event
 from router_service.breaker import CircuitBreaker
 from router_service.catalog import ModelCatalog, ModelNotReady
+from router_service.localizer import WHOLE, Localizer, box_problem, covers_photo, crop_encoded, with_margin
 from router_service.settings import ALWAYS
 from router_service.tf_serving import ModelInfo, Prediction
 
@@ -52,7 +53,9 @@ class RoutingSettings:
     breaker_reset_s: float  # then the logo stage is skipped this long before one probe call
     logo_policy: str  # ALWAYS or UNCERTAIN (router_service.settings.LOGO_POLICIES)
     uncertain_below: float  # UNCERTAIN: the logo stage runs when the make confidence is below this
-
+    localize_timeout_s: float = 3.0
+    crop_margin: float = 0.05  # the car's box grows by this share of its size on every side before the crop
+    whole_photo_share: float = 0.9  # a box (with margin) spanning this share of width and height: no crop
 
 
 def check_request(request: pb.RecognizeRequest) -> None:
@@ -69,11 +72,13 @@ def check_request(request: pb.RecognizeRequest) -> None:
 
 class Recognizer:
     def __init__(self, catalog: ModelCatalog, logo: logo_service_pb2_grpc.LogoServiceStub | None,
-                 settings: RoutingSettings) -> None:
+                 settings: RoutingSettings, localizer: Localizer | None = None) -> None:
         self.catalog = catalog
         self.logo = logo
+        self.localizer = localizer
         self.settings = settings
         self.logo_breaker = CircuitBreaker(settings.breaker_failures, settings.breaker_reset_s)
+        self.localizer_breaker = CircuitBreaker(settings.breaker_failures, settings.breaker_reset_s)
 
     async def recognize(self, request: pb.RecognizeRequest, time_left: float | None = None) -> pb.RecognizeResponse:
         """Recognise one image; raises RecognitionError with a status a client can act on."""
@@ -82,8 +87,8 @@ class Recognizer:
         check_request(request)
         response = pb.RecognizeResponse(image_id=request.image_id, request_id=REQUEST_ID.get())
         try:
-            validate_image(request.image, max_bytes=self.settings.max_image_bytes,
-                           max_pixels=self.settings.max_image_pixels)
+            info = validate_image(request.image, max_bytes=self.settings.max_image_bytes,
+                                  max_pixels=self.settings.max_image_pixels)
         except InvalidImage as exc:
             raise RecognitionError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         options = request.options
@@ -91,6 +96,15 @@ class Recognizer:
         if not 0 < top_k <= MAX_TOP_K:
             raise RecognitionError(grpc.StatusCode.INVALID_ARGUMENT,
                                    f"top_k must be between 1 and {MAX_TOP_K}, got {options.top_k}")
+        caller_box = None
+        if request.HasField("car_box"):
+            b = request.car_box
+            caller_box = (b.x_min, b.y_min, b.x_max, b.y_max)
+            problem = box_problem(caller_box, info.width, info.height)
+            if problem:
+                raise RecognitionError(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        image, framing_detail = await self._frame(request.image, caller_box, options.skip_localization, response,
+                                                  deadline)
 
         if options.force_model:
             model = self.catalog.find(options.force_model)
@@ -102,17 +116,81 @@ class Recognizer:
                                        f"({model.error or 'not discovered yet'})")
             response.route = pb.ROUTE_FORCED_MODEL
             response.route_detail = f"model {model.name} forced by the caller"
-            prediction = await self._predict(model, request.image, response, deadline)
+            prediction = await self._predict(model, image, response, deadline)
         elif options.skip_logo or self.logo is None:
             response.route = pb.ROUTE_GLOBAL_MODEL
             response.route_detail = ("logo stage skipped by the caller" if options.skip_logo
                                       else "no logo service configured") + " -> global model"
-            model, prediction = self.catalog.global_model, await self._predict_global(request.image, response, deadline)
+            model, prediction = self.catalog.global_model, await self._predict_global(image, response, deadline)
         else:
-            model, prediction = await self._with_logo_stage(request.image, response, deadline)
+            model, prediction = await self._with_logo_stage(image, response, deadline)
+        response.route_detail = f"{framing_detail}; {response.route_detail}"
         self._fill_prediction(response, model, prediction, top_k)
         response.timings.add(stage="total", ms=_ms_since(started))
         return response
+
+    async def _frame(self, image: bytes, caller_box: tuple[float, float, float, float] | None, skip: bool,
+                     response: pb.RecognizeResponse, deadline: float | None) -> tuple[bytes, str]:
+        """The bytes to classify (the photo, or a crop of its most prominent car) and a sentence saying why;
+        fills the response's box, framing, cars_found and car_probability."""
+        margin = self.settings.crop_margin
+        if caller_box is not None:
+            crop = crop_encoded(image, with_margin(caller_box, margin))
+            if crop is None:
+                raise RecognitionError(grpc.StatusCode.INVALID_ARGUMENT,
+                                       "the image could not be decoded to crop car_box: send a valid JPEG or PNG")
+            _set_box(response, caller_box, 0.0, pb.FRAMING_CALLER_BOX)
+            return crop, "the caller's car_box cropped, localisation skipped"
+        _set_box(response, WHOLE, 0.0, pb.FRAMING_WHOLE_PHOTO)
+        if skip or self.localizer is None:
+            return image, ("localisation skipped by the caller" if skip else "no localiser configured") + \
+                ": whole photo classified"
+        if not self.localizer_breaker.allow():
+            return image, (f"localisation skipped: the localiser failed {self.localizer_breaker.failures} calls in "
+                           f"a row (next try in {self.localizer_breaker.seconds_until_probe():.1f} s): whole photo "
+                           "classified")
+        started = time.perf_counter()
+        try:
+            found = await self.localizer.locate(image, _timeout(self.settings.localize_timeout_s, deadline))
+        except asyncio.CancelledError:
+            self.localizer_breaker.record_ignored()
+            raise
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code()
+            if code == grpc.StatusCode.INVALID_ARGUMENT:  # the image's fault: the classifier would refuse it too
+                self.localizer_breaker.record_ignored()
+                raise RecognitionError(code, f"the model could not read the image: {client_message(exc.details())}") \
+                    from None
+            self.localizer_breaker.record_failure()
+            self.localizer.error = code.name
+            log_event(logger, "localiser call failed", logging.WARNING, code=code.name, details=exc.details(),
+                      breaker=self.localizer_breaker.state)
+            return image, f"localiser failed ({code.name}): whole photo classified"
+        except ValueError as exc:  # a model under that name that is not a localiser
+            self.localizer_breaker.record_failure()
+            self.localizer.error = str(exc)
+            return image, f"localiser unusable ({exc}): whole photo classified"
+        finally:
+            response.timings.add(stage="localize", ms=_ms_since(started))
+        self.localizer_breaker.record_success()
+        self.localizer.error = ""
+        response.cars_found, response.car_probability = found.cars, found.car_probability
+        if not found.cars:
+            response.framing = pb.FRAMING_NO_CAR_FOUND
+            return image, "the localiser found no car: whole photo classified"
+        box, score = tuple(float(v) for v in found.boxes[0]), float(found.scores[0])
+        which = (f"the largest of {found.cars} cars" if found.cars > 1 else "one car") + f" (score {score:.2f})"
+        padded = with_margin(box, margin)
+        if covers_photo(padded, self.settings.whole_photo_share):
+            _set_box(response, WHOLE, score, pb.FRAMING_ALREADY_TIGHT)
+            return image, f"the localiser found {which} filling the photo: classified as sent"
+        crop_started = time.perf_counter()
+        crop = crop_encoded(image, padded)
+        response.timings.add(stage="crop", ms=_ms_since(crop_started))
+        if crop is None:
+            return image, f"the localiser found {which} but the photo could not be cropped: whole photo classified"
+        _set_box(response, box, score, pb.FRAMING_CROPPED)
+        return crop, f"the localiser found {which}: its box cropped"
 
     async def _with_logo_stage(self, image: bytes, response: pb.RecognizeResponse,
                                deadline: float | None) -> tuple[ModelInfo, Prediction]:
@@ -276,6 +354,12 @@ class Recognizer:
         response.make_confidence = make_probability
         response.model_name, response.model_version = model.name, prediction.version
         response.signature_name = prediction.signature
+
+
+def _set_box(response: pb.RecognizeResponse, box: tuple[float, float, float, float], score: float,
+             framing: int) -> None:
+    response.box.CopyFrom(pb.Box(x_min=box[0], y_min=box[1], x_max=box[2], y_max=box[3]))
+    response.box_score, response.framing = score, framing
 
 
 def restrict(prediction: Prediction, makes: set[str]) -> Prediction | None:

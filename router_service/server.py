@@ -16,6 +16,7 @@ from common.plugins import load_plugins
 from common.server import GrpcServer
 from router_service.catalog import ModelCatalog
 from router_service.health import watch_downstreams
+from router_service.localizer import Localizer
 from router_service.model_cards import ModelCards, standing
 from router_service.routing import MAX_IMAGE_ID_CHARS, RecognitionError, Recognizer, RoutingSettings
 from router_service.settings import RouterSettings
@@ -35,6 +36,7 @@ def _error_result(image_id: str, error: RecognitionError) -> pb.RecognizeResult:
 class RecognitionServicer(pb_grpc.RecognitionServiceServicer):
     def __init__(self, recognizer: Recognizer, catalog: ModelCatalog, batch_limit: int, cards: ModelCards) -> None:
         self.recognizer = recognizer
+        self.localizer = recognizer.localizer
         self.catalog = catalog
         self.batch_limit = batch_limit
         self.cards = cards
@@ -86,10 +88,19 @@ class RecognitionServicer(pb_grpc.RecognitionServiceServicer):
                 labels_key=meta.labels_key if meta else "", labels=[label.text for label in labels],
                 brand=self.catalog.brand_of(model), available=model.available,
                 makes=sorted({label.make for label in labels if label.make}),
-                architecture=card.architecture, input_size=card.input_size, placeholder=placeholder, note=note)
+                architecture=card.architecture, input_size=card.input_size, placeholder=placeholder, note=note,
+                task="classifier")
             if card.top1 is not None:
                 listed.test_scores.CopyFrom(pb.ModelScores(photos=card.photos, top1=card.top1,
                                                            make_top1=card.make_top1 or 0.0, ece=card.ece or 0.0))
+        if self.localizer is not None:
+            card = self.cards.summary(self.localizer.model_name, self.localizer.version, self.localizer.signature)
+            response.models.add(
+                name=self.localizer.model_name, version=self.localizer.version,
+                signature_name=self.localizer.signature, available=bool(self.localizer.version)
+                and not self.localizer.error, architecture=card.architecture, input_size=card.input_size,
+                task="localizer", note="finds the cars in the photo; the largest is cropped and classified"
+                + (f" (last call failed: {self.localizer.error})" if self.localizer.error else ""))
         for plugin in self.catalog.plugins.values():
             response.brands.add(slug=plugin.slug, name=plugin.name,
                                 model_name=plugin.model.name if plugin.model else "",
@@ -106,11 +117,14 @@ async def serve(settings: RouterSettings) -> None:
     if settings.logo_service.address:
         logo_stub = logo_service_pb2_grpc.LogoServiceStub(downstream_channel(settings.logo_service, max_bytes))
     catalog = ModelCatalog(client, settings.global_model, plugins, extra_models=settings.extra_models)
+    localizer = Localizer(client, settings.localizer_model) if settings.localizer_model else None
     recognizer = Recognizer(catalog, logo_stub, RoutingSettings(
         logo_timeout_s=settings.logo_timeout_s, predict_timeout_s=settings.predict_timeout_s,
         max_image_bytes=int(settings.max_image_mb * 1024 * 1024), max_image_pixels=settings.max_image_pixels,
         breaker_failures=settings.breaker_failures, breaker_reset_s=settings.breaker_reset_s,
-        logo_policy=settings.logo_policy, uncertain_below=settings.uncertain_below))
+        logo_policy=settings.logo_policy, uncertain_below=settings.uncertain_below,
+        localize_timeout_s=settings.localize_timeout_s, crop_margin=settings.crop_margin,
+        whole_photo_share=settings.whole_photo_share), localizer)
     log_event(logger, "logo policy", policy=settings.logo_policy, uncertain_below=settings.uncertain_below,
               source=settings.uncertain_source)
 
@@ -119,7 +133,7 @@ async def serve(settings: RouterSettings) -> None:
         RecognitionServicer(recognizer, catalog, settings.batch_limit, ModelCards(settings.model_cards_dir)),
         server.server)
     await server.start()
-    watcher = asyncio.create_task(watch_downstreams(server, catalog, settings.health_interval_s))
+    watcher = asyncio.create_task(watch_downstreams(server, catalog, settings.health_interval_s, localizer))
     try:
         await server.wait_for_shutdown()
     finally:

@@ -27,6 +27,8 @@ LOGO_POLICIES = {
 DEFAULT_LOGO_POLICY = UNCERTAIN
 DEFAULT_LOGO_POLICY_FILE = Path(__file__).resolve().parent / "logo_policy.json"
 DEFAULT_MODEL_CARDS_DIR = Path(__file__).resolve().parent.parent / "serving_models"
+# The localiser finds the car in a whole photo before classification (router_service/localizer.py).
+DEFAULT_LOCALIZER_MODEL = "localizer"
 DEFAULT_EXTRA_MODELS = "global,global:audi,global:bmw,global:chevrolet,global:dodge,global:ford,global:hyundai"
 
 
@@ -36,6 +38,10 @@ class RouterSettings:
     model_server: DownstreamSettings
     logo_service: DownstreamSettings  # address "" = no logo stage
     global_model: str
+    localizer_model: str  # "" = no localisation: photos are classified whole
+    localize_timeout_s: float
+    crop_margin: float
+    whole_photo_share: float
     extra_models: tuple[str, ...]
     plugins_dir: Path
     data_dir: Path
@@ -62,6 +68,18 @@ def parse_settings(argv: list[str] | None = None) -> RouterSettings:
                              default="")
     parser.add_argument("--global-model", default=env("ROUTER_GLOBAL_MODEL", DEFAULT_GLOBAL_MODEL),
                         help="TF Serving model name of the global classifier ($ROUTER_GLOBAL_MODEL)")
+    parser.add_argument("--localizer-model", default=env("ROUTER_LOCALIZER_MODEL", DEFAULT_LOCALIZER_MODEL),
+                        help="TF Serving model name of the localiser that finds the car before classification; "
+                             "empty = classify every photo whole ($ROUTER_LOCALIZER_MODEL)")
+    parser.add_argument("--localize-timeout-ms", type=float, default=float(env("ROUTER_LOCALIZE_TIMEOUT_MS", "3000")),
+                        help="deadline for the localiser; slower → the whole photo is classified "
+                             "($ROUTER_LOCALIZE_TIMEOUT_MS)")
+    parser.add_argument("--crop-margin", type=float, default=float(env("ROUTER_CROP_MARGIN", "0.05")),
+                        help="the car's box grows by this share of its width and height on every side before "
+                             "the crop ($ROUTER_CROP_MARGIN)")
+    parser.add_argument("--whole-photo-share", type=float, default=float(env("ROUTER_WHOLE_PHOTO_SHARE", "0.9")),
+                        help="a box (with its margin) spanning at least this share of the photo's width and height "
+                             "is not cropped: the photo is already a tight crop ($ROUTER_WHOLE_PHOTO_SHARE)")
     parser.add_argument("--extra-models", default=env("ROUTER_EXTRA_MODELS", DEFAULT_EXTRA_MODELS),
                         help="comma-separated name[:signature] of further served models that clients may pick "
                              "with force_model, e.g. to compare them; empty = none ($ROUTER_EXTRA_MODELS)")
@@ -117,6 +135,10 @@ def parse_settings(argv: list[str] | None = None) -> RouterSettings:
         model_server=DownstreamSettings.from_args(args, "model_server"),
         logo_service=DownstreamSettings.from_args(args, "logo_service"),
         global_model=args.global_model,
+        localizer_model=args.localizer_model.strip(),
+        localize_timeout_s=args.localize_timeout_ms / 1000,
+        crop_margin=args.crop_margin,
+        whole_photo_share=args.whole_photo_share,
         extra_models=tuple(m.strip() for m in args.extra_models.split(",") if m.strip()),
         plugins_dir=args.plugins_dir,
         data_dir=args.data_dir,

@@ -159,20 +159,25 @@ class TfServingClient:
     async def predict(self, name: str, signature: str, meta: ModelMeta, images: list[bytes],
                       timeout: float | None, with_labels: bool = False) -> PredictReply:
         """Probabilities for each encoded image, in order (and the labels when asked)."""
+        wanted = [meta.probabilities_key] + ([meta.labels_key] if with_labels else [])
+        outputs, version = await self.predict_outputs(name, signature, meta.input_key, images, wanted, timeout)
+        labels = None
+        if with_labels and meta.labels_key in outputs:
+            first_row = outputs[meta.labels_key][0]
+            labels = tuple(Label.parse(x.decode() if isinstance(x, bytes) else str(x)) for x in first_row)
+        return PredictReply(probabilities=outputs[meta.probabilities_key], version=version, labels=labels)
+
+    async def predict_outputs(self, name: str, signature: str, input_key: str, images: list[bytes],
+                              outputs: list[str], timeout: float | None) -> tuple[dict[str, np.ndarray], int]:
+        """One Predict call with encoded images: the named outputs as arrays, and the version that answered."""
         request = predict_pb2.PredictRequest()
         request.model_spec.name = name
         request.model_spec.signature_name = signature
-        request.inputs[meta.input_key].CopyFrom(tf.make_tensor_proto(images, dtype=tf.string))
-        request.output_filter.append(meta.probabilities_key)
-        if with_labels:
-            request.output_filter.append(meta.labels_key)
+        request.inputs[input_key].CopyFrom(tf.make_tensor_proto(images, dtype=tf.string))
+        request.output_filter.extend(outputs)
         response = await self.predictions.Predict(request, timeout=timeout, metadata=outgoing_metadata())
-        labels = None
-        if with_labels and meta.labels_key in response.outputs:
-            first_row = tf.make_ndarray(response.outputs[meta.labels_key])[0]
-            labels = tuple(Label.parse(x.decode() if isinstance(x, bytes) else str(x)) for x in first_row)
-        return PredictReply(probabilities=tf.make_ndarray(response.outputs[meta.probabilities_key]),
-                            version=response.model_spec.version.value, labels=labels)
+        return ({key: tf.make_ndarray(response.outputs[key]) for key in outputs if key in response.outputs},
+                response.model_spec.version.value)
 
     async def is_available(self, name: str, timeout: float) -> bool:
         """True when GetModelStatus reports a version AVAILABLE."""

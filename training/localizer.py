@@ -188,10 +188,12 @@ def decode_cells(cells: np.ndarray, fuse_iou: float = 0.6, nms_iou: float = 0.5)
     for s, b in zip(scores, boxes):
         order = np.argsort(-s)
         kept: list[tuple[float, np.ndarray]] = []
-        for k in order[:MAX_BOXES * 4]:
-            if all(iou(b[k], other) <= nms_iou for _, other in kept):
+        raw: list[np.ndarray] = []  # suppression compares the cells' own boxes, as tf.image.non_max_suppression
+        for k in order:
+            if all(iou(b[k], other) <= nms_iou for other in raw):
                 near = np.array([iou(b[k], b[j]) > fuse_iou for j in range(len(b))])
                 w = s * near
+                raw.append(b[k])
                 kept.append((float(s[k]), (w[:, None] * b).sum(0) / w.sum()))
             if len(kept) == MAX_BOXES:
                 break
@@ -202,7 +204,7 @@ def decode_cells(cells: np.ndarray, fuse_iou: float = 0.6, nms_iou: float = 0.5)
 def cells_to_boxes(cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     centres = cell_centres().reshape(1, -1, 2)
     flat = cells.reshape(len(cells), -1, 6)
-    score = 1 / (1 + np.exp(-flat[..., 0])) * 1 / (1 + np.exp(-flat[..., 1]))
+    score = 1 / (1 + np.exp(-np.clip(flat[..., 0], -60, 60))) / (1 + np.exp(-np.clip(flat[..., 1], -60, 60)))
     d = flat[..., 2:]
     boxes = np.stack([centres[..., 0] - d[..., 0], centres[..., 1] - d[..., 1],
                       centres[..., 0] + d[..., 2], centres[..., 1] + d[..., 3]], -1)
@@ -234,12 +236,23 @@ def fit(run: Path, epochs: int = 40, seed: int = 0) -> None:
                  loss=head_loss)
     started = time.time()
     head.fit(x_train, y_train, batch_size=64, epochs=epochs, verbose=2)
-    found = decode_cells(head.predict(val["maps"].astype(np.float32), verbose=0))
-    report = measure(found, val["boxes"])
-    report.update(epochs=epochs, seconds=round(time.time() - started), seed=seed)
     head.save_weights(run / "box_head.weights.h5")
+    measure_run(run, {"epochs": epochs, "seconds": round(time.time() - started), "seed": seed})
+
+
+def measure_run(run: Path, training: dict | None = None) -> dict:
+    """The fitted head on the val composites: threshold, counts, IoU (fit.json)."""
+    val = np.load(run / "val.npz")
+    head = build_head()
+    head.load_weights(run / "box_head.weights.h5")
+    report = measure(decode_cells(head.predict(val["maps"].astype(np.float32), verbose=0)), val["boxes"])
+    if training is None and (run / "fit.json").exists():
+        training = {k: v for k, v in json.loads((run / "fit.json").read_text()).items()
+                    if k in ("epochs", "seconds", "seed")}
+    report.update(training or {})
     (run / "fit.json").write_text(json.dumps(report, indent=1))
     print(json.dumps(report, indent=1))
+    return report
 
 
 def measure(found: list[list[tuple[float, np.ndarray]]], boxes: np.ndarray) -> dict:
@@ -269,6 +282,8 @@ def main(argv: list[str] | None = None) -> None:
     t = sub.add_parser("fit")
     t.add_argument("--run", type=Path, default=Path("runs/localizer"))
     t.add_argument("--epochs", type=int, default=40)
+    m = sub.add_parser("measure", help="re-measure a fitted head on the val composites")
+    m.add_argument("--run", type=Path, default=Path("runs/localizer"))
     e = sub.add_parser("export")
     e.add_argument("--run", type=Path, default=Path("runs/localizer"))
     e.add_argument("--version", type=int, required=True)
@@ -278,6 +293,8 @@ def main(argv: list[str] | None = None) -> None:
         build_features(args.out, args.seed)
     elif args.command == "fit":
         fit(args.run, args.epochs)
+    elif args.command == "measure":
+        measure_run(args.run)
     else:
         from training.localizer_export import export
         export(args.run, args.version, args.base, " ".join(["python -m training.localizer"] + sys.argv[1:]))
