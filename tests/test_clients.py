@@ -1,9 +1,11 @@
 """The clients in other languages (clients/, built by `make clients`) against the real stack.
 
 Each one must print the lines `python -m client` prints for the same photos:
-same fields, same answer, same error codes and messages, exit status 1 after
-a failed image; over mTLS with --ca/--cert/--key. And the stack that
-harness/stack.py starts (so `make run`) serves gRPC reflection.
+same fields, same answer, same box and framing, same error codes and
+messages, exit status 1 after a failed image; --box sends the caller's car box
+(a malformed one is a usage error, exit status 2); over mTLS with
+--ca/--cert/--key. And the stack that harness/stack.py starts (so `make run`)
+serves gRPC reflection.
 """
 from __future__ import annotations
 
@@ -29,8 +31,16 @@ COMMANDS = {
     "cpp": [str(ROOT / "bin" / "carrecog-cpp")],
 }
 OTHERS = ["node", "go", "cpp"]
-# Fields that must agree exactly between the clients for the same photo (ms and confidences aside).
-SAME = ["image", "make", "model", "year", "label", "route", "route_detail", "model_name", "model_version", "logo"]
+# Fields that must agree exactly between the clients for the same photo (ms, confidences and the box aside).
+SAME = ["image", "make", "model", "year", "label", "route", "route_detail", "cars_found", "framing", "model_name",
+        "model_version", "logo"]
+BOX_KEYS = ["x_min", "y_min", "x_max", "y_max", "score"]
+
+
+def assert_box(mine: dict, theirs: dict) -> None:
+    """Box coordinates and score are floats, printed as confidences are: equal within rounding."""
+    assert list(mine) == BOX_KEYS and list(theirs) == BOX_KEYS, (mine, theirs)
+    assert [mine[k] for k in BOX_KEYS] == pytest.approx([theirs[k] for k in BOX_KEYS], abs=2e-4), (mine, theirs)
 
 
 def run_client(name: str, address: str, *args: str, timeout: float = 180) -> tuple[int, list[str], str]:
@@ -62,6 +72,12 @@ def test_python_reference_lines(python_lines):
     hit, plain, bad = python_lines
     assert hit["route"] == "brand_model" and hit["logo"]["matched"]
     assert plain["route"] == "global_model"
+    for answer in (hit, plain):
+        assert list(answer["box"]) == BOX_KEYS
+        box = answer["box"]
+        assert 0 <= box["x_min"] < box["x_max"] <= 1 and 0 <= box["y_min"] < box["y_max"] <= 1, box
+        assert answer["framing"] in ("cropped", "already_tight", "no_car_found", "whole_photo"), answer
+        assert isinstance(answer["cars_found"], int) and answer["cars_found"] >= 0
     assert bad["error"]["code"] == "INVALID_ARGUMENT" and bad["error"]["message"]
 
 
@@ -76,6 +92,7 @@ def test_client_prints_what_the_python_client_prints(name, router, inputs, pytho
         assert {k: mine[k] for k in SAME} == {k: theirs[k] for k in SAME}
         assert mine["confidence"] == pytest.approx(theirs["confidence"], abs=2e-4)
         assert mine["make_confidence"] == pytest.approx(theirs["make_confidence"], abs=2e-4)
+        assert_box(mine["box"], theirs["box"])
         assert [p["label"] for p in mine["top_k"]] == [p["label"] for p in theirs["top_k"]]
         assert [p["confidence"] for p in mine["top_k"]] == pytest.approx(
             [p["confidence"] for p in theirs["top_k"]], abs=2e-4)
@@ -87,13 +104,54 @@ def test_client_prints_what_the_python_client_prints(name, router, inputs, pytho
 
 @pytest.mark.parametrize("name", OTHERS)
 def test_client_options_and_missing_file(name, router, inputs, tmp_path):
-    """--skip-logo and --top-k reach the router; a missing file is a FILE_ERROR line and exit status 1."""
-    code, lines, err = run_client(name, router.address, "--skip-logo", "--top-k", "2", inputs[0],
+    """--skip-logo, --skip-localization and --top-k reach the router; a missing file is a FILE_ERROR line and
+    exit status 1."""
+    code, lines, err = run_client(name, router.address, "--skip-logo", "--skip-localization", "--top-k", "2", inputs[0],
                                   str(tmp_path / "missing.jpg"))
     assert code == 1, err
     answer, missing = (json.loads(line) for line in lines)
     assert answer["route"] == "global_model" and len(answer["top_k"]) == 2
+    assert answer["framing"] == "whole_photo" and answer["cars_found"] == 0, answer
     assert missing["image"] == str(tmp_path / "missing.jpg") and missing["error"]["code"] == "FILE_ERROR"
+
+
+def test_clients_send_the_callers_box(router, no_logo_photo):
+    """--box is sent as car_box with every image: the router classifies that box (framing caller_box) and
+    says so; an inverted box is the router's INVALID_ARGUMENT, the same line from every client."""
+    photo = str(no_logo_photo.path)
+    sent = {"x_min": 0.1, "y_min": 0.1, "x_max": 0.9, "y_max": 0.9}
+    answers, refusals = {}, {}
+    for name in COMMANDS:
+        code, lines, err = run_client(name, router.address, "--box", "0.1,0.1,0.9,0.9", photo)
+        assert code == 0 and len(lines) == 1, (name, lines, err)
+        answers[name] = answer = json.loads(lines[0])
+        assert answer["framing"] == "caller_box", (name, answer)
+        assert {k: answer["box"][k] for k in sent} == pytest.approx(sent, abs=2e-4), (name, answer["box"])
+        assert answer["box"]["score"] == 0.0 and answer["label"], (name, answer)
+
+        code, lines, err = run_client(name, router.address, "--box", "0.5,0.5,0.4,0.9", photo)
+        assert code == 1 and len(lines) == 1, (name, lines, err)
+        refusals[name] = json.loads(lines[0])
+    for name in OTHERS:
+        assert {k: answers[name][k] for k in SAME} == {k: answers["python"][k] for k in SAME}, name
+        assert answers[name]["confidence"] == pytest.approx(answers["python"]["confidence"], abs=2e-4)
+        assert refusals[name] == refusals["python"], (name, refusals)
+    refused = refusals["python"]
+    assert refused["image"] == photo and refused["error"]["code"] == "INVALID_ARGUMENT", refused
+    assert "car_box" in refused["error"]["message"], refused
+
+
+@pytest.mark.parametrize("name", list(COMMANDS))
+def test_client_refuses_a_malformed_box(name, tmp_path):
+    """A --box that is not four numbers is a usage error (exit status 2, a message), before any call."""
+    photo = tmp_path / "car.jpg"
+    photo.write_bytes(b"not read")
+    for value in ("0.1,0.1,0.9", "0.1,0.1,0.9,0.9,1", "a,b,c,d", "0.1,,0.9,0.9", "nan,0,1,1", "1e999,0,1,1", ""):
+        code, lines, err = run_client(name, "127.0.0.1:1", "--box", value, str(photo), timeout=60)
+        assert code == 2 and not lines, (value, lines, err)
+        assert "--box" in err and "x_min,y_min,x_max,y_max" in err, (value, err)
+    code, lines, err = run_client(name, "127.0.0.1:1", str(photo), "--box", timeout=60)  # no value
+    assert code == 2 and not lines, (lines, err)
 
 
 def test_clients_expand_folders_like_the_python_client(router, tmp_path):

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -18,6 +19,8 @@
 #include <iostream>
 #include <map>
 #include <memory>
+#include <optional>
+#include <regex>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -44,12 +47,40 @@ std::string EnvOr(const char* name, const std::string& fallback) {
 }
 
 const char kUsage[] =
-    "usage: carrecog-cpp [--address HOST:PORT] [--top-k N] [--skip-logo] [--model NAME] [--timeout SECONDS]\n"
+    "usage: carrecog-cpp [--address HOST:PORT] [--top-k N] [--skip-logo] [--model NAME]\n"
+    "                    [--box X_MIN,Y_MIN,X_MAX,Y_MAX] [--skip-localization] [--timeout SECONDS]\n"
     "                    [--ca CA.pem] [--cert CERT.pem] [--key KEY.pem] IMAGE_OR_FOLDER...\n";
 
 [[noreturn]] void UsageError(const std::string& message) {
   std::cerr << kUsage << "carrecog-cpp: error: " << message << "\n";
   std::exit(2);
+}
+
+// --box x_min,y_min,x_max,y_max: four finite numbers (their range is the router's to check); each
+// number as every client reads it: plain decimal, optional sign and exponent.
+std::optional<v1::Box> ParseBox(const std::string& text) {
+  static const std::regex number(R"([+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?)");
+  std::vector<double> values;
+  size_t start = 0;
+  while (true) {
+    size_t end = text.find(',', start);
+    std::string part = text.substr(start, end == std::string::npos ? std::string::npos : end - start);
+    size_t first = part.find_first_not_of(' '), last = part.find_last_not_of(' ');
+    part = first == std::string::npos ? "" : part.substr(first, last - first + 1);
+    if (!std::regex_match(part, number)) return std::nullopt;
+    double value = std::strtod(part.c_str(), nullptr);
+    if (!std::isfinite(value)) return std::nullopt;
+    values.push_back(value);
+    if (end == std::string::npos) break;
+    start = end + 1;
+  }
+  if (values.size() != 4) return std::nullopt;
+  v1::Box box;
+  box.set_x_min(static_cast<float>(values[0]));
+  box.set_y_min(static_cast<float>(values[1]));
+  box.set_x_max(static_cast<float>(values[2]));
+  box.set_y_max(static_cast<float>(values[3]));
+  return box;
 }
 
 // JSON written as python's json.dumps writes it: ", " and ": " separators, ASCII only
@@ -136,6 +167,16 @@ std::string ToJson(const std::string& image, const v1::RecognizeResponse& r) {
   std::string route = v1::Route_Name(r.route());
   if (route.rfind("ROUTE_", 0) == 0) route = route.substr(6);
   std::transform(route.begin(), route.end(), route.begin(), [](unsigned char c) { return std::tolower(c); });
+  std::string framing = v1::Framing_Name(r.framing());
+  if (framing.rfind("FRAMING_", 0) == 0) framing = framing.substr(8);
+  std::transform(framing.begin(), framing.end(), framing.begin(), [](unsigned char c) { return std::tolower(c); });
+  std::string box = Object()
+                        .Raw("x_min", Number(r.box().x_min(), 4))
+                        .Raw("y_min", Number(r.box().y_min(), 4))
+                        .Raw("x_max", Number(r.box().x_max(), 4))
+                        .Raw("y_max", Number(r.box().y_max(), 4))
+                        .Raw("score", Number(r.box_score(), 4))
+                        .Done();
   std::string logo = "null";
   if (!r.logo().brand().empty())
     logo = Object()
@@ -168,6 +209,9 @@ std::string ToJson(const std::string& image, const v1::RecognizeResponse& r) {
       .Raw("make_confidence", Number(r.make_confidence(), 4))
       .Str("route", route)
       .Str("route_detail", r.route_detail())
+      .Raw("box", box)
+      .Raw("cars_found", std::to_string(r.cars_found()))
+      .Str("framing", framing)
       .Str("model_name", r.model_name())
       .Raw("model_version", std::to_string(r.model_version()))
       .Raw("logo", logo)
@@ -247,7 +291,8 @@ int main(int argc, char** argv) {
   std::string ca = EnvOr("ROUTER_TLS_CA", ""), cert = EnvOr("ROUTER_TLS_CLIENT_CERT", "");
   std::string key = EnvOr("ROUTER_TLS_CLIENT_KEY", ""), model;
   int top_k = 5;
-  bool skip_logo = false;
+  bool skip_logo = false, skip_localization = false;
+  std::optional<v1::Box> car_box;
   double timeout = 30;
   std::vector<std::string> paths;
   for (int i = 1; i < argc; i++) {
@@ -276,6 +321,14 @@ int main(int argc, char** argv) {
       else if (arg == "--top-k") top_k = std::stoi(next());
       else if (arg == "--timeout") timeout = std::stod(next());
       else if (arg == "--skip-logo") skip_logo = true;
+      else if (arg == "--skip-localization") skip_localization = true;
+      else if (arg == "--box") {
+        std::string text = next();
+        car_box = ParseBox(text);
+        if (!car_box)
+          UsageError("argument --box: expected x_min,y_min,x_max,y_max (four numbers, fractions of the width and "
+                     "height), got " + Quote(text));
+      }
       else if (arg.rfind("--", 0) == 0) UsageError("unrecognized arguments: " + arg);
       else paths.push_back(argv[i]);
     } catch (const std::logic_error&) {
@@ -313,6 +366,7 @@ int main(int argc, char** argv) {
   options.set_top_k(top_k);
   options.set_skip_logo(skip_logo);
   options.set_force_model(model);
+  options.set_skip_localization(skip_localization);
   int failures = 0;
   for (const auto& image : images) {
     std::string line, data, error;
@@ -324,6 +378,7 @@ int main(int argc, char** argv) {
       request.set_image(std::move(data));
       request.set_image_id(image);
       *request.mutable_options() = options;
+      if (car_box) *request.mutable_car_box() = *car_box;
       v1::RecognizeResponse response;
       grpc::ClientContext context;
       context.set_deadline(std::chrono::system_clock::now() +

@@ -16,7 +16,9 @@ import (
 	"flag"
 	"fmt"
 	"io/ioutil"
+	"math"
 	"os"
+	"regexp"
 	"sort"
 	"strconv"
 	"strings"
@@ -36,6 +38,30 @@ const maxMessage = 64 << 20
 var codeNames = []string{"OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
 	"ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE",
 	"UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED"}
+
+// number is one number of --box, as every client reads it: plain decimal, optional sign and exponent.
+var number = regexp.MustCompile(`^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$`)
+
+// parseBox reads --box x_min,y_min,x_max,y_max: four finite numbers (their range is the router's to check).
+func parseBox(text string) (*pb.Box, bool) {
+	parts := strings.Split(text, ",")
+	if len(parts) != 4 {
+		return nil, false
+	}
+	var v [4]float64
+	for i, part := range parts {
+		part = strings.Trim(part, " ")
+		if !number.MatchString(part) {
+			return nil, false
+		}
+		x, err := strconv.ParseFloat(part, 64)
+		if err != nil || math.IsInf(x, 0) || math.IsNaN(x) {
+			return nil, false
+		}
+		v[i] = x
+	}
+	return &pb.Box{XMin: float32(v[0]), YMin: float32(v[1]), XMax: float32(v[2]), YMax: float32(v[3])}, true
+}
 
 func envOr(name, fallback string) string {
 	if v := os.Getenv(name); v != "" {
@@ -185,6 +211,24 @@ func toJSON(image string, r *pb.RecognizeResponse) string {
 	w.str(strings.ToLower(strings.TrimPrefix(r.Route.String(), "ROUTE_")))
 	w.key("route_detail", false)
 	w.str(r.RouteDetail)
+	w.key("box", false)
+	w.WriteByte('{')
+	box := r.GetBox()
+	w.key("x_min", true)
+	w.num(float64(box.GetXMin()), 4)
+	w.key("y_min", false)
+	w.num(float64(box.GetYMin()), 4)
+	w.key("x_max", false)
+	w.num(float64(box.GetXMax()), 4)
+	w.key("y_max", false)
+	w.num(float64(box.GetYMax()), 4)
+	w.key("score", false)
+	w.num(float64(r.BoxScore), 4)
+	w.WriteByte('}')
+	w.key("cars_found", false)
+	w.WriteString(strconv.Itoa(int(r.CarsFound)))
+	w.key("framing", false)
+	w.str(strings.ToLower(strings.TrimPrefix(r.Framing.String(), "FRAMING_")))
 	w.key("model_name", false)
 	w.str(r.ModelName)
 	w.key("model_version", false)
@@ -286,6 +330,9 @@ func main() {
 	topK := flag.Int("top-k", 5, "how many ranked predictions")
 	skipLogo := flag.Bool("skip-logo", false, "go straight to the global model")
 	model := flag.String("model", "", "force a TF Serving model by name")
+	boxText := flag.String("box", "", "X_MIN,Y_MIN,X_MAX,Y_MAX: the car's box in every image, in fractions of\n"+
+		"width and height (the router crops and classifies it, no localisation)")
+	skipLocalization := flag.Bool("skip-localization", false, "classify the whole photo, no crop")
 	timeout := flag.Float64("timeout", 30, "deadline per image in seconds")
 	ca := flag.String("ca", os.Getenv("ROUTER_TLS_CA"), "CA PEM: use TLS ($ROUTER_TLS_CA)")
 	cert := flag.String("cert", os.Getenv("ROUTER_TLS_CLIENT_CERT"), "client cert for mTLS")
@@ -307,6 +354,16 @@ func main() {
 		positional = append(positional, flag.Arg(0))
 		args = flag.Args()[1:]
 	}
+	var carBox *pb.Box
+	boxSet := false
+	flag.Visit(func(f *flag.Flag) { boxSet = boxSet || f.Name == "box" })
+	if boxSet {
+		var ok bool
+		if carBox, ok = parseBox(*boxText); !ok {
+			usageError("argument --box: expected x_min,y_min,x_max,y_max (four numbers, fractions of the width "+
+				"and height), got %q", *boxText)
+		}
+	}
 	if len(positional) == 0 {
 		usageError("the following arguments are required: images")
 	}
@@ -327,7 +384,8 @@ func main() {
 	}
 	defer conn.Close()
 	client := pb.NewRecognitionServiceClient(conn)
-	options := &pb.RecognizeOptions{TopK: int32(*topK), SkipLogo: *skipLogo, ForceModel: *model}
+	options := &pb.RecognizeOptions{TopK: int32(*topK), SkipLogo: *skipLogo, ForceModel: *model,
+		SkipLocalization: *skipLocalization}
 
 	failures := 0
 	for _, image := range images {
@@ -338,7 +396,8 @@ func main() {
 			line = errorJSON(image, "FILE_ERROR", err.Error())
 		} else {
 			ctx, cancel := context.WithTimeout(context.Background(), time.Duration(*timeout*float64(time.Second)))
-			response, err := client.Recognize(ctx, &pb.RecognizeRequest{Image: data, ImageId: image, Options: options})
+			response, err := client.Recognize(ctx, &pb.RecognizeRequest{Image: data, ImageId: image, Options: options,
+				CarBox: carBox})
 			cancel()
 			if err != nil {
 				failures++

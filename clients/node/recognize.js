@@ -18,28 +18,45 @@ const IMAGE_SUFFIXES = new Set(['.jpg', '.jpeg', '.png']);
 const MAX_MESSAGE = 64 << 20;
 
 const USAGE = `usage: node clients/node/recognize.js [--address HOST:PORT] [--top-k N] [--skip-logo]
-       [--model NAME] [--timeout SECONDS] [--ca CA.pem] [--cert CERT.pem] [--key KEY.pem] IMAGE_OR_FOLDER...`;
+       [--model NAME] [--box X_MIN,Y_MIN,X_MAX,Y_MAX] [--skip-localization] [--timeout SECONDS]
+       [--ca CA.pem] [--cert CERT.pem] [--key KEY.pem] IMAGE_OR_FOLDER...`;
+// One number of --box, as every client reads it: plain decimal, optional sign and exponent.
+const NUMBER = /^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$/;
 
 function usageError(message) {
   process.stderr.write(`${USAGE}\nrecognize.js: error: ${message}\n`);
   process.exit(2);
 }
 
+// --box x_min,y_min,x_max,y_max: four finite numbers (their range is the router's to check).
+function parseBox(text) {
+  const parts = text.split(',').map((part) => part.replace(/^ +| +$/g, ''));
+  const values = parts.filter((part) => NUMBER.test(part)).map(Number);
+  if (parts.length !== 4 || values.length !== 4 || !values.every(Number.isFinite)) {
+    usageError('argument --box: expected x_min,y_min,x_max,y_max (four numbers, fractions of the width and height), '
+               + `got ${JSON.stringify(text)}`);
+  }
+  const [x_min, y_min, x_max, y_max] = values;
+  return { x_min, y_min, x_max, y_max };
+}
+
 function parseArgs(argv) {
   const env = process.env;
   const args = {
     address: env.ROUTER_ADDRESS || 'localhost:50050', topK: 5, skipLogo: false, model: '', timeout: 30,
+    box: null, skipLocalization: false,
     ca: env.ROUTER_TLS_CA || '', cert: env.ROUTER_TLS_CLIENT_CERT || '', key: env.ROUTER_TLS_CLIENT_KEY || '',
     images: [],
   };
   const valued = { '--address': 'address', '--top-k': 'topK', '--model': 'model', '--timeout': 'timeout',
-                   '--ca': 'ca', '--cert': 'cert', '--key': 'key' };
+                   '--ca': 'ca', '--cert': 'cert', '--key': 'key', '--box': 'box' };
   for (let i = 0; i < argv.length; i++) {
     let arg = argv[i];
     let value;
     if (arg.startsWith('--') && arg.includes('=')) [arg, value] = [arg.slice(0, arg.indexOf('=')), arg.slice(arg.indexOf('=') + 1)];
     if (arg === '-h' || arg === '--help') { process.stdout.write(`${USAGE}\n`); process.exit(0); }
     if (arg === '--skip-logo') { args.skipLogo = true; continue; }
+    if (arg === '--skip-localization') { args.skipLocalization = true; continue; }
     if (arg in valued) {
       if (value === undefined) {
         if (i + 1 >= argv.length) usageError(`argument ${arg}: expected one argument`);
@@ -54,6 +71,7 @@ function parseArgs(argv) {
   args.topK = Number.parseInt(args.topK, 10);
   args.timeout = Number.parseFloat(args.timeout);
   if (Number.isNaN(args.topK) || Number.isNaN(args.timeout)) usageError('--top-k and --timeout take numbers');
+  if (args.box !== null) args.box = parseBox(args.box);
   if (!args.images.length) usageError('the following arguments are required: images');
   return args;
 }
@@ -115,6 +133,7 @@ function dumps(value) {
 }
 
 function toJson(image, r) {
+  const box = r.box || { x_min: 0, y_min: 0, x_max: 0, y_max: 0 };
   return {
     image,
     make: r.make,
@@ -125,6 +144,12 @@ function toJson(image, r) {
     make_confidence: round(r.make_confidence, 4),
     route: String(r.route).replace(/^ROUTE_/, '').toLowerCase(),
     route_detail: r.route_detail,
+    box: {
+      x_min: round(box.x_min, 4), y_min: round(box.y_min, 4), x_max: round(box.x_max, 4), y_max: round(box.y_max, 4),
+      score: round(r.box_score, 4),
+    },
+    cars_found: r.cars_found,
+    framing: String(r.framing).replace(/^FRAMING_/, '').toLowerCase(),
     model_name: r.model_name,
     model_version: Number(r.model_version),
     logo: r.logo && r.logo.brand ? { brand: r.logo.brand, inliers: r.logo.inliers, matched: r.logo_matched } : null,
@@ -175,8 +200,13 @@ async function main() {
     if (bytes) {
       try {
         const request = {
-          image: bytes, image_id: image, options: { top_k: args.topK, skip_logo: args.skipLogo, force_model: args.model },
+          image: bytes,
+          image_id: image,
+          options: {
+            top_k: args.topK, skip_logo: args.skipLogo, force_model: args.model, skip_localization: args.skipLocalization,
+          },
         };
+        if (args.box) request.car_box = args.box;
         line = toJson(image, await recognize(client, request, args.timeout));
       } catch (err) {
         failures++;
