@@ -11,9 +11,11 @@ Starts a model server, a logo service and one router per logo policy
   the share of what TensorFlow sustains here on a dense 1x1 convolution;
 - the router with `skip_logo` (the model behind gRPC, no logo stage);
 - the router with each policy;
+- the router with the default policy and `skip_localization` (the photo
+  classified whole: what the localiser costs, issue 21);
 
 each at 1 and at 8 clients at a time, and prints requests/s, p50 and p95 with
-the ratios to `skip_logo`. Writes the JSON report.
+the ratios to `skip_logo` and to `skip_localization`. Writes the JSON report.
 """
 from __future__ import annotations
 
@@ -168,13 +170,17 @@ def run(requests: int, log_dir: Path) -> dict:
         report = {"saved_model_alone": saved_model_alone(photos, requests, default_versions()[-2:]), "router": {}}
         for clients in (1, 8):
             n = requests if clients == 1 else 2 * requests
-            rows = {"skip_logo": load(routers["uncertain"].address, photos, n, clients, skip_logo=True)}
+            rows = {"skip_logo": load(routers["uncertain"].address, photos, n, clients, skip_logo=True),
+                    "skip_localization": load(routers["uncertain"].address, photos, n, clients,
+                                              skip_localization=True)}
             for policy in POLICIES:
                 rows[policy] = load(routers[policy].address, photos, n, clients)
-            base = rows["skip_logo"]
+            base, whole = rows["skip_logo"], rows["skip_localization"]
             for row in rows.values():
                 row["throughput_vs_skip_logo"] = round(row["per_second"] / base["per_second"], 2)
                 row["p50_vs_skip_logo"] = round(row["ms_p50"] / base["ms_p50"], 2)
+                row["throughput_vs_skip_localization"] = round(row["per_second"] / whole["per_second"], 2)
+                row["p50_vs_skip_localization"] = round(row["ms_p50"] / whole["ms_p50"], 2)
             report["router"][f"{clients} client{'s' if clients > 1 else ''}"] = rows
         return report
     finally:
@@ -198,12 +204,13 @@ def main(argv: list[str] | None = None) -> int:
               f"batched {row['batched_images_per_second']} images/s, {row['arithmetic']['gflops_per_photo']} GFLOPs "
               f"a photo: {row['share_of_conv_limit_batched']:.0%} of the conv limit batched, "
               f"{row['share_of_conv_limit_batch1']:.0%} at batch 1")
-    print(f"{'router':12s} {'clients':>7s} {'req/s':>7s} {'p50 ms':>7s} {'p95 ms':>7s} {'req/s vs skip':>13s} "
-          f"{'p50 vs skip':>11s} {'failures':>8s}")
+    print(f"{'router':17s} {'clients':>7s} {'req/s':>7s} {'p50 ms':>7s} {'p95 ms':>7s} {'req/s vs skip_logo':>18s} "
+          f"{'p50 vs skip_logo':>16s} {'req/s vs whole':>14s} {'p50 vs whole':>12s} {'failures':>8s}")
     for clients, rows in report["router"].items():
         for name, row in rows.items():
-            print(f"{name:12s} {clients.split()[0]:>7s} {row['per_second']:7.1f} {row['ms_p50']:7.1f} "
-                  f"{row['ms_p95']:7.1f} {row['throughput_vs_skip_logo']:13.2f} {row['p50_vs_skip_logo']:11.2f} "
+            print(f"{name:17s} {clients.split()[0]:>7s} {row['per_second']:7.1f} {row['ms_p50']:7.1f} "
+                  f"{row['ms_p95']:7.1f} {row['throughput_vs_skip_logo']:18.2f} {row['p50_vs_skip_logo']:16.2f} "
+                  f"{row['throughput_vs_skip_localization']:14.2f} {row['p50_vs_skip_localization']:12.2f} "
                   f"{row['failures']:8d}")
     print(f"wrote {args.out}", file=sys.stderr)
     return 0

@@ -37,7 +37,8 @@ from training.composites import background_paths, encode_jpeg, frame_around, iou
 from training.efficientnet_lite import build_spatial, load_imagenet_weights
 
 VARIANT, SIZE = "lite0", 256
-GRID = SIZE // 32
+GRID = SIZE // 16  # the head answers on the stride-16 map; the stride-32 map (1280 channels) gives it context
+COARSE = SIZE // 32
 MAX_BOXES = 5
 # ImageNet-1k classes that are cars or parts of one (indices of the standard synset order).
 CAR_CLASSES = {407: "ambulance", 436: "beach wagon", 468: "cab", 475: "car mirror", 479: "car wheel",
@@ -81,21 +82,27 @@ def make_composites(photos: list[Photo], backgrounds: list[np.ndarray], count: i
 
 
 class Trunk:
-    """The frozen ImageNet trunk: bytes -> (feature maps [N, G, G, 1280], ImageNet probabilities [N, 1000])."""
+    """The frozen ImageNet trunk: bytes -> (fine maps [N, G, G, C] at stride 16, coarse maps [N, G/2, G/2, 1280]
+    at stride 32, ImageNet probabilities [N, 1000])."""
 
     def __init__(self) -> None:
-        self.model = build_spatial(VARIANT, SIZE)
-        kernel, bias = load_imagenet_weights([self.model], VARIANT)
+        spatial = build_spatial(VARIANT, SIZE)
+        kernel, bias = load_imagenet_weights([spatial], VARIANT)
+        fine = [layer for layer in spatial.layers if layer.name.endswith(("_add", "_project_bn"))
+                and layer.output.shape[1] == GRID][-1]  # the last block output at stride 16
+        self.model = keras.Model(spatial.input, [fine.output, spatial.output], name="localizer_trunk")
         self.kernel, self.bias = kernel.astype(np.float32), bias.astype(np.float32)
 
-    def __call__(self, images: list[bytes], batch: int = 32) -> tuple[np.ndarray, np.ndarray]:
-        maps = []
+    def __call__(self, images: list[bytes], batch: int = 32) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        fine, coarse = [], []
         for start in range(0, len(images), batch):
             pixels = data.preprocess_batch(tf.constant(images[start:start + batch]), SIZE)
-            maps.append(self.model(pixels, training=False).numpy().astype(np.float16))
-        maps = np.concatenate(maps)
-        logits = maps.astype(np.float32).mean(axis=(1, 2)) @ self.kernel + self.bias
-        return maps, tf.nn.softmax(logits).numpy()
+            f, c = self.model(pixels, training=False)
+            fine.append(f.numpy().astype(np.float16))
+            coarse.append(c.numpy().astype(np.float16))
+        fine, coarse = np.concatenate(fine), np.concatenate(coarse)
+        logits = coarse.astype(np.float32).mean(axis=(1, 2)) @ self.kernel + self.bias
+        return fine, coarse, tf.nn.softmax(logits).numpy()
 
 
 def build_features(out: Path, seed: int = 0) -> None:
@@ -108,8 +115,8 @@ def build_features(out: Path, seed: int = 0) -> None:
         rng = np.random.default_rng([seed, len(split)])
         chosen = [p for p in photos if p.split == split]
         images, boxes = make_composites(chosen, backgrounds, count, rng)
-        maps, _ = trunk(images)
-        np.savez(out / f"{split}.npz", maps=maps, boxes=boxes)
+        fine, coarse, _ = trunk(images)
+        np.savez(out / f"{split}.npz", fine=fine, coarse=coarse, boxes=boxes)
         print(f"{split}: {count} composites in {time.time() - started:.0f} s", flush=True)
     (out / "features.json").write_text(json.dumps({"variant": VARIANT, "size": SIZE, "seed": seed,
                                                    "split_hash": split_hash(photos), "composites": COMPOSITES,
@@ -156,13 +163,25 @@ def cell_targets(boxes: np.ndarray) -> np.ndarray:
     return out
 
 
-def build_head() -> keras.Model:
-    maps = keras.Input([GRID, GRID, 1280], name="maps")
-    x = keras.layers.Conv2D(128, 1, activation="relu", name="reduce")(maps)
+def build_head(fine_channels: int = 112) -> keras.Model:
+    fine = keras.Input([GRID, GRID, fine_channels], name="fine")
+    coarse = keras.Input([COARSE, COARSE, 1280], name="coarse")
+    c = keras.layers.Conv2D(128, 1, activation="relu", name="reduce_coarse")(coarse)
+    c = keras.layers.UpSampling2D(2, interpolation="bilinear", name="upsample")(c)
+    # the block outputs are linear (std ~6, up to ~60): normalised, or the ReLUs die in the first steps
+    f = keras.layers.LayerNormalization(name="norm_fine")(fine)
+    f = keras.layers.Conv2D(64, 1, activation="relu", name="reduce_fine")(f)
+    x = keras.layers.Concatenate(name="both")([c, f])
     x = keras.layers.Conv2D(128, 3, padding="same", activation="relu", name="context")(x)
+    x = keras.layers.Conv2D(128, 3, padding="same", activation="relu", name="context2")(x)
     logits = keras.layers.Conv2D(2, 1, name="scores")(x)          # on-a-car, centredness
     distances = keras.layers.Conv2D(4, 1, activation="softplus", name="distances")(x)
-    return keras.Model(maps, keras.layers.Concatenate(name="cells")([logits, distances]), name="box_head")
+    return keras.Model([fine, coarse], keras.layers.Concatenate(name="cells")([logits, distances]), name="box_head")
+
+
+def inputs_of(cache) -> list[np.ndarray]:
+    """The head's inputs from a feature cache (train.npz / val.npz)."""
+    return [cache["fine"].astype(np.float32), cache["coarse"].astype(np.float32)]
 
 
 def head_loss(target: tf.Tensor, output: tf.Tensor) -> tf.Tensor:
@@ -223,16 +242,16 @@ def choose(found: list[tuple[float, np.ndarray]], threshold: float) -> tuple[int
 def fit(run: Path, epochs: int = 40, seed: int = 0) -> None:
     keras.utils.set_random_seed(seed)
     train, val = (np.load(run / f"{s}.npz") for s in ("train", "val"))
-    x_train, y_train = train["maps"].astype(np.float32), cell_targets(train["boxes"])
+    x_train, y_train = inputs_of(train), cell_targets(train["boxes"])
     # mirrored copies: the same composite flipped left-right, its boxes mirrored
     mirrored = train["boxes"].copy()
     real = mirrored[..., 0] >= 0
     mirrored[..., 0], mirrored[..., 2] = np.where(real, 1 - train["boxes"][..., 2], -1), \
         np.where(real, 1 - train["boxes"][..., 0], -1)
-    x_train = np.concatenate([x_train, x_train[:, :, ::-1]])
+    x_train = [np.concatenate([x, x[:, :, ::-1]]) for x in x_train]
     y_train = np.concatenate([y_train, cell_targets(mirrored)])
     head = build_head()
-    head.compile(optimizer=keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(1e-3, epochs * len(x_train) // 64)),
+    head.compile(optimizer=keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(1e-3, epochs * len(y_train) // 64)),
                  loss=head_loss)
     started = time.time()
     head.fit(x_train, y_train, batch_size=64, epochs=epochs, verbose=2)
@@ -245,7 +264,7 @@ def measure_run(run: Path, training: dict | None = None) -> dict:
     val = np.load(run / "val.npz")
     head = build_head()
     head.load_weights(run / "box_head.weights.h5")
-    report = measure(decode_cells(head.predict(val["maps"].astype(np.float32), verbose=0)), val["boxes"])
+    report = measure(decode_cells(head.predict(inputs_of(val), verbose=0)), val["boxes"])
     if training is None and (run / "fit.json").exists():
         training = {k: v for k, v in json.loads((run / "fit.json").read_text()).items()
                     if k in ("epochs", "seconds", "seed")}

@@ -35,7 +35,7 @@ from training import data
 from training.export import dir_bytes
 from training.image_guard import check_image_sizes
 from training.localizer import (CAR_CLASSES, GRID, MAX_BOXES, SIZE, VARIANT, Trunk, build_head, cell_centres,
-                                choose, decode_cells)
+                                choose, decode_cells, inputs_of)
 from training.train import machine
 from training.warmup import write_warmup_requests
 
@@ -56,10 +56,10 @@ class LocalizerModule(tf.Module):
     def _serve(self, image_bytes: tf.Tensor) -> dict[str, tf.Tensor]:
         with tf.control_dependencies([check_image_sizes(image_bytes)]):  # no decompression bombs
             pixels = data.preprocess_batch(tf.identity(image_bytes), SIZE)
-        maps = self.trunk(pixels, training=False)
-        logits = tf.reduce_mean(maps, axis=[1, 2]) @ self.imagenet_kernel + self.imagenet_bias
+        fine, coarse = self.trunk(pixels, training=False)
+        logits = tf.reduce_mean(coarse, axis=[1, 2]) @ self.imagenet_kernel + self.imagenet_bias
         car_probability = tf.reduce_sum(tf.nn.softmax(logits) * self._car_mask(), axis=1)
-        cells = tf.reshape(self.head(maps, training=False), [-1, GRID * GRID, 6])
+        cells = tf.reshape(self.head([fine, coarse], training=False), [-1, GRID * GRID, 6])
         score = tf.sigmoid(cells[..., 0]) * tf.sigmoid(cells[..., 1])
         d = cells[..., 2:]
         c = self.centres
@@ -106,8 +106,7 @@ def pairwise_iou(a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
 def check_against_numpy(module: LocalizerModule, head: keras.Model, run: Path, threshold: float) -> dict:
     """The graph's boxes against decode_cells + choose on the cached val feature maps: the same count and
     the same answered (largest) box, to 1e-3."""
-    val = np.load(run / "val.npz")
-    maps = val["maps"].astype(np.float32)[:200]
+    maps = [x[:200] for x in inputs_of(np.load(run / "val.npz"))]
     expected = decode_cells(head.predict(maps, verbose=0), FUSE_IOU, NMS_IOU)
     # run the graph's box part on the cached maps (the decode of JPEGs is the trunk's business)
     cells = tf.reshape(head(maps, training=False), [-1, GRID * GRID, 6])
@@ -116,14 +115,14 @@ def check_against_numpy(module: LocalizerModule, head: keras.Model, run: Path, t
     boxes = tf.clip_by_value(tf.stack([c[..., 0] - d[..., 0], c[..., 1] - d[..., 1],
                                        c[..., 0] + d[..., 2], c[..., 1] + d[..., 3]], -1), 0.0, 1.0)
     mismatches = 0
-    for n in range(len(maps)):
+    for n in range(len(maps[0])):
         got_boxes, _, got_count = (t.numpy() for t in module._one_photo((boxes[n], score[n])))
         count, index = choose(expected[n], threshold)
         if count != got_count or (count and np.abs(expected[n][index][1] - got_boxes[0]).max() > 1e-3):
             mismatches += 1
     if mismatches > 2:  # float32 ties in NMS order may flip a borderline box or two
-        raise RuntimeError(f"the exported graph disagrees with decode_cells on {mismatches} of {len(maps)} photos")
-    return {"photos": len(maps), "mismatches": mismatches}
+        raise RuntimeError(f"the exported graph disagrees with decode_cells on {mismatches} of {len(maps[0])} photos")
+    return {"photos": len(maps[0]), "mismatches": mismatches}
 
 
 def export(run: Path, version: int, base: Path, command: str) -> Path:
@@ -144,7 +143,8 @@ def export(run: Path, version: int, base: Path, command: str) -> Path:
         card = {
             "model": MODEL_NAME,
             "architecture": (f"EfficientNet-{VARIANT.capitalize()} ImageNet trunk, frozen as in the PyPI wheel, "
-                             f"at {SIZE} px; an FCOS-style box head on its {GRID}x{GRID} map, trained on composites; "
+                             f"at {SIZE} px; an FCOS-style box head on its {GRID}x{GRID} stride-16 map (with the "
+                             f"stride-32 map for context), trained on composites; "
                              "the untouched ImageNet-1k head for the car probability"),
             "input_size": [SIZE, SIZE],
             "task": "localisation: boxes of the cars in a photo, largest first, and whether it shows a car at all",
