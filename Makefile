@@ -69,7 +69,7 @@ node_modules/.bin/buf: package.json
 lint-protos: node_modules/.bin/buf
 	node_modules/.bin/buf lint
 
-# Clients in other languages (clients/, README "Clients in other languages"): Go and C++ stubs are
+# Clients in other languages (clients/, docs/contract.md, "Clients in other languages"): Go and C++ stubs are
 # generated from protos/ into build/ at build time (ignored by git); Node loads protos/ at run time
 # with @grpc/grpc-js + @grpc/proto-loader (package.json, installed by the npm install above).
 # client-deps apt-installs only what is missing (Debian 12 packages; Go in GOPATH mode against
@@ -149,7 +149,7 @@ train-lite: $(TRAIN_STAMP)
 
 # The shipped model (v8): the CutMix run again on train + val, its heads and the ensemble calibrated with the
 # temperatures of the train-only twin (run train-lite first; TWIN: its export); the cut-6 member is the
-# train-only run (its train + val run, the v9 candidate, was not shipped: README). ~220-250 s per epoch alone (~1 h).
+# train-only run (its train + val run, the v9 candidate, was not shipped: docs/experiments.md). ~220-250 s per epoch alone (~1 h).
 # make train-lite-shipped VERSION=8 TWIN=runs/efficientnet_lite0-8-trainonly
 train-lite-shipped: $(TRAIN_STAMP)
 	@test -n "$(TWIN)" || { echo "TWIN=<train-lite's export folder> is required"; exit 2; }

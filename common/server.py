@@ -44,7 +44,7 @@ MIB = 1024 * 1024
 # Loopback unless told otherwise: on one host (make run, tests) nothing outside can reach a
 # service; containers and pods set <PREFIX>_HOST=0.0.0.0 and should set TLS too.
 DEFAULT_HOST = "127.0.0.1"
-# Prometheus /metrics ports by env prefix (README "Metrics"); other prefixes: off unless set.
+# Prometheus /metrics ports by env prefix (docs/operations.md, "Metrics, traces and the load test"); other prefixes: off unless set.
 DEFAULT_METRICS_PORTS = {"ROUTER": 9450, "LOGO": 9451, "MODEL_SERVER": 9452}
 
 

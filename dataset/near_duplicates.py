@@ -214,7 +214,7 @@ def contact_sheet(photos: list[Photo], pairs: list[tuple[int, int, int]], path: 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m dataset.near_duplicates", description=__doc__.split("\n")[0])
     parser.add_argument("--threshold", type=int, default=8,
-                        help="most differing hash bits of a near-duplicate (8: checked by eye, see README)")
+                        help="most differing hash bits of a near-duplicate (8: checked by eye, see docs/data.md)")
     parser.add_argument("--sift-inliers", type=int, default=25,
                         help="fewest keypoints one similarity transform must explain (25: checked by eye; 0: off)")
     parser.add_argument("--cross-class-inliers", type=int, default=60,

@@ -14,10 +14,10 @@ from common.server import ServerSettings, add_server_arguments, env
 
 
 # The stack routes to the EfficientNet-Lite0 model by default: it is far more
-# accurate than the ResNet50s trained from scratch (README, "Models"). The
+# accurate than the ResNet50s trained from scratch (docs/models.md). The
 # ResNet50s stay served and can be forced by name for comparison.
 DEFAULT_GLOBAL_MODEL = "efficientnet_lite0"
-# When the logo stage runs (README, "Logo policy"); the threshold of `uncertain` is calibrated
+# When the logo stage runs (docs/logo.md, "Logo policy"); the threshold of `uncertain` is calibrated
 # on val by builders/logo_policy.py into logo_policy.json.
 ALWAYS, UNCERTAIN = "always", "uncertain"
 LOGO_POLICIES = {
