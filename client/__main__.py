@@ -1,7 +1,7 @@
 """python -m client IMAGE_OR_FOLDER... : recognise photos with a running router.
 
 Prints one JSON object per image (image, make, model, year, label, confidence,
-route, box, framing, top_k, ...) on stdout; a failed image prints {"image", "error"}
+route, box, framing, verdict, top_k, ...) on stdout; a failed image prints {"image", "error"}
 and the command exits 1 after the others are done.
 
     python -m client --address localhost:50050 car.jpg photos/
@@ -67,6 +67,9 @@ def to_json(image: Path, response: pb.RecognizeResponse) -> dict:
                 "score": round(response.box_score, 4)},
         "cars_found": response.cars_found,
         "framing": pb.Framing.Name(response.framing).removeprefix("FRAMING_").lower(),
+        "verdict": pb.Verdict.Name(response.verdict).removeprefix("VERDICT_").lower(),
+        "verdict_score": round(response.verdict_score, 4),
+        "verdict_threshold": round(response.verdict_threshold, 4),
         "model_name": response.model_name,
         "model_version": response.model_version,
         "logo": ({"brand": response.logo.brand, "inliers": response.logo.inliers, "matched": response.logo_matched}

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 from pathlib import Path
 
 import grpc
@@ -25,7 +24,7 @@ from carrecog.v1 import recognition_service_pb2_grpc as pb_grpc
 from common.data import data_dir
 from common.plugins import DEFAULT_PLUGINS_DIR, load_plugins
 from router_service.catalog import ModelCatalog
-from harness.stack import start_logo_service, start_model_server, start_router
+from harness.stack import running_stack
 from training.metrics import Scores, write_reports
 from dataset.split import load_split, read_labels
 
@@ -113,17 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.router:
         scores = evaluate(rows, args.router)
     else:
-        logs = Path(tempfile.mkdtemp(prefix="carrecog-eval-"))
-        services = [start_model_server(logs), start_logo_service(logs)]
-        try:
-            for service in services:
-                service.wait_healthy()
-            services.append(start_router(services[0].address, services[1].address, logs))
-            services[-1].wait_healthy()
-            scores = evaluate(rows, services[-1].address)
-        finally:
-            for service in reversed(services):
-                service.stop()
+        with running_stack("carrecog-eval-") as router:
+            scores = evaluate(rows, router)
     report = write_reports(scores, args.out, n=len(rows))
     print(json.dumps({"n": report["n"], "pipeline": report["pipeline"],
                       "models": {k: {m: v[m] for m in ("n", "top1", "top5", "make_top1")}

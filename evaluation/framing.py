@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 from pathlib import Path
 
 import grpc
@@ -27,7 +26,7 @@ import numpy as np
 from carrecog.v1 import recognition_service_pb2 as pb
 from carrecog.v1 import recognition_service_pb2_grpc as pb_grpc
 from dataset.split import load_split
-from harness.stack import start_logo_service, start_model_server, start_router
+from harness.stack import running_stack
 from dataset.composites import background_paths, encode_jpeg, frame_around, iou, read_bgr, two_cars
 from training.metrics import expected_calibration_error
 
@@ -148,18 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.router:
         report = evaluate(args.router, args.split, args.limit)
     else:
-        logs = Path(tempfile.mkdtemp(prefix="carrecog-framing-"))
-        services = [start_model_server(logs), start_logo_service(logs)]
-        try:
-            for service in services:
-                service.wait_healthy()
-            services.append(start_router(services[0].address, services[1].address, logs,
-                                         extra_args=args.router_arg))
-            services[-1].wait_healthy()
-            report = evaluate(services[-1].address, args.split, args.limit)
-        finally:
-            for service in reversed(services):
-                service.stop()
+        with running_stack("carrecog-framing-", args.router_arg) as router:
+            report = evaluate(router, args.split, args.limit)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     args.out.with_suffix(".md").write_text(markdown(report))

@@ -10,11 +10,12 @@ import signal
 import socket
 import subprocess
 import sys
+import contextlib
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import grpc
 from google.protobuf import text_format
@@ -156,3 +157,20 @@ def start_router(model_server: str, logo_service: str, log_dir: Path | None = No
     return start_service("router", "router_service", [
         "--model-server", model_server, "--logo-service", logo_service, *(extra_args or [])],
         env=env, log_dir=log_dir, port=port)
+
+
+@contextlib.contextmanager
+def running_stack(prefix: str, router_args: list[str] | None = None) -> Iterator[str]:
+    """The whole stack (model server, logo service, router) on ephemeral ports, logs in a fresh temporary
+    folder; yields the router's address and stops everything on the way out."""
+    logs = Path(tempfile.mkdtemp(prefix=prefix))
+    services = [start_model_server(logs), start_logo_service(logs)]
+    try:
+        for service in services:
+            service.wait_healthy()
+        services.append(start_router(services[0].address, services[1].address, logs, extra_args=router_args))
+        services[-1].wait_healthy()
+        yield services[-1].address
+    finally:
+        for service in reversed(services):
+            service.stop()

@@ -22,6 +22,7 @@ from common.logs import REQUEST_ID, log_event
 from router_service.breaker import CircuitBreaker
 from router_service.catalog import ModelCatalog, ModelNotReady
 from router_service.localizer import WHOLE, Localizer, box_problem, covers_photo, crop_encoded, with_margin
+from router_service.open_set import OpenSetPolicy, decide, doubts
 from router_service.settings import ALWAYS
 from router_service.tf_serving import ModelInfo, Prediction
 
@@ -56,6 +57,7 @@ class RoutingSettings:
     localize_timeout_s: float = 3.0
     crop_margin: float = 0.05  # the car's box grows by this share of its size on every side before the crop
     whole_photo_share: float = 0.9  # a box (with margin) spanning this share of width and height: no crop
+    open_set: OpenSetPolicy | None = None  # None: no verdict (VERDICT_UNSPECIFIED)
 
 
 def check_request(request: pb.RecognizeRequest) -> None:
@@ -105,7 +107,30 @@ class Recognizer:
                 raise RecognitionError(grpc.StatusCode.INVALID_ARGUMENT, problem)
         image, framing_detail = await self._frame(request.image, caller_box, options.skip_localization, response,
                                                   deadline)
+        # The verdict needs the localiser's car mass on the crop itself: asked beside the classifier.
+        crop_seen = (asyncio.create_task(self._car_mass_of_crop(image, response, deadline))
+                     if response.framing == pb.FRAMING_CROPPED and self.settings.open_set is not None else None)
+        try:
+            model, prediction, unrestricted = await self._classify(image, options, response, deadline)
+        except BaseException:
+            if crop_seen is not None:
+                crop_seen.cancel()
+            raise
+        response.route_detail = f"{framing_detail}; {response.route_detail}"
+        self._fill_prediction(response, model, prediction, top_k)
+        if self.settings.open_set is not None:
+            crop_detail = await crop_seen if crop_seen is not None else ""
+            best, make_confidence = choose_answer(unrestricted)
+            localised = response.framing in (pb.FRAMING_CROPPED, pb.FRAMING_ALREADY_TIGHT, pb.FRAMING_NO_CAR_FOUND)
+            verdict = decide(self.settings.open_set, response, localised, float(unrestricted.probabilities[best]),
+                             make_confidence)
+            response.route_detail += f"; verdict: {verdict}{crop_detail}"
+        response.timings.add(stage="total", ms=_ms_since(started))
+        return response
 
+    async def _classify(self, image: bytes, options: pb.RecognizeOptions, response: pb.RecognizeResponse,
+                        deadline: float | None) -> tuple[ModelInfo, Prediction, Prediction]:
+        """The route and the answering model's prediction; also the global model's own (unrestricted) one."""
         if options.force_model:
             model = self.catalog.find(options.force_model)
             if model is None:
@@ -117,17 +142,28 @@ class Recognizer:
             response.route = pb.ROUTE_FORCED_MODEL
             response.route_detail = f"model {model.name} forced by the caller"
             prediction = await self._predict(model, image, response, deadline)
-        elif options.skip_logo or self.logo is None:
+            return model, prediction, prediction
+        if options.skip_logo or self.logo is None:
             response.route = pb.ROUTE_GLOBAL_MODEL
             response.route_detail = ("logo stage skipped by the caller" if options.skip_logo
                                       else "no logo service configured") + " -> global model"
-            model, prediction = self.catalog.global_model, await self._predict_global(image, response, deadline)
-        else:
-            model, prediction = await self._with_logo_stage(image, response, deadline)
-        response.route_detail = f"{framing_detail}; {response.route_detail}"
-        self._fill_prediction(response, model, prediction, top_k)
-        response.timings.add(stage="total", ms=_ms_since(started))
-        return response
+            prediction = await self._predict_global(image, response, deadline)
+            return self.catalog.global_model, prediction, prediction
+        return await self._with_logo_stage(image, response, deadline)
+
+    async def _car_mass_of_crop(self, crop: bytes, response: pb.RecognizeResponse, deadline: float | None) -> str:
+        """Sets box_car_probability to the localiser's car mass on the crop seen whole; on failure it stays
+        the whole photo's, and the returned note says so."""
+        started = time.perf_counter()
+        try:
+            found = await self.localizer.locate(crop, _timeout(self.settings.localize_timeout_s, deadline))
+        except (grpc.aio.AioRpcError, ValueError) as exc:
+            code = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else "unusable"
+            return f" (the localiser failed on the crop ({code}): the whole photo's car mass used)"
+        finally:
+            response.timings.add(stage="localize:crop", ms=_ms_since(started))
+        response.box_car_probability = found.car_probability
+        return ""
 
     async def _frame(self, image: bytes, caller_box: tuple[float, float, float, float] | None, skip: bool,
                      response: pb.RecognizeResponse, deadline: float | None) -> tuple[bytes, str]:
@@ -175,6 +211,7 @@ class Recognizer:
         self.localizer_breaker.record_success()
         self.localizer.error = ""
         response.cars_found, response.car_probability = found.cars, found.car_probability
+        response.box_car_probability = found.car_probability  # the photo is the box, unless cropped below
         if not found.cars:
             response.framing = pb.FRAMING_NO_CAR_FOUND
             return image, "the localiser found no car: whole photo classified"
@@ -193,8 +230,16 @@ class Recognizer:
         return crop, f"the localiser found {which}: its box cropped"
 
     async def _with_logo_stage(self, image: bytes, response: pb.RecognizeResponse,
-                               deadline: float | None) -> tuple[ModelInfo, Prediction]:
-        """The global model and the logo stage as the policy says; then the route the logo evidence picks."""
+                               deadline: float | None) -> tuple[ModelInfo, Prediction, Prediction]:
+        """The global model and the logo stage as the policy says; then the route the logo evidence picks.
+        Returns the answering model, its prediction, and the global model's own prediction."""
+        global_model, prediction, slug = await self._global_and_logo(image, response, deadline)
+        model, answer = await self._route_by_logo(slug, global_model, prediction, image, response, deadline)
+        return model, answer, prediction
+
+    async def _global_and_logo(self, image: bytes, response: pb.RecognizeResponse,
+                               deadline: float | None) -> tuple[ModelInfo, Prediction, str | None]:
+        """The global prediction and the slug of the brand whose logo matched (None: none, or not asked)."""
         global_model = self.catalog.global_model
         if self.settings.logo_policy == ALWAYS:  # both at once: the slower of the two, not their sum
             logo = asyncio.create_task(self._logo_stage(image, response, deadline))
@@ -206,14 +251,20 @@ class Recognizer:
             slug = await logo
         else:
             prediction = await self._predict_global(image, response, deadline)
-            _, make_confidence = choose_answer(prediction)
+            best, make_confidence = choose_answer(prediction)
             if make_confidence >= self.settings.uncertain_below:
-                response.route = pb.ROUTE_GLOBAL_MODEL
-                response.route_detail = (f"logo stage skipped: the global model is sure of the make "
-                                         f"({make_confidence:.3f} >= {self.settings.uncertain_below:.3f}) "
-                                         "-> global model")
-                return global_model, prediction
+                if not doubts(self.settings.open_set, float(prediction.probabilities[best])):
+                    response.route = pb.ROUTE_GLOBAL_MODEL
+                    response.route_detail = (f"logo stage skipped: the global model is sure of the make "
+                                             f"({make_confidence:.3f} >= {self.settings.uncertain_below:.3f}) "
+                                             "-> global model")
+                    return global_model, prediction, None
             slug = await self._logo_stage(image, response, deadline)
+        return global_model, prediction, slug
+
+    async def _route_by_logo(self, slug: str | None, global_model: ModelInfo, prediction: Prediction, image: bytes,
+                             response: pb.RecognizeResponse, deadline: float | None) -> tuple[ModelInfo, Prediction]:
+        """The brand model, the global answer restricted to the logo's make, or the global answer."""
         if slug is None:
             return global_model, prediction
         brand_model = self.catalog.for_brand(slug)

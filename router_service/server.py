@@ -37,6 +37,7 @@ class RecognitionServicer(pb_grpc.RecognitionServiceServicer):
     def __init__(self, recognizer: Recognizer, catalog: ModelCatalog, batch_limit: int, cards: ModelCards) -> None:
         self.recognizer = recognizer
         self.localizer = recognizer.localizer
+        self.open_set = recognizer.settings.open_set
         self.catalog = catalog
         self.batch_limit = batch_limit
         self.cards = cards
@@ -101,6 +102,8 @@ class RecognitionServicer(pb_grpc.RecognitionServiceServicer):
                 and not self.localizer.error, architecture=card.architecture, input_size=card.input_size,
                 task="localizer", note="finds the cars in the photo; the largest is cropped and classified"
                 + (f" (last call failed: {self.localizer.error})" if self.localizer.error else ""))
+        if self.open_set is not None:
+            response.open_set.CopyFrom(self.open_set.to_proto(self.localizer.model_name if self.localizer else ""))
         for plugin in self.catalog.plugins.values():
             response.brands.add(slug=plugin.slug, name=plugin.name,
                                 model_name=plugin.model.name if plugin.model else "",
@@ -124,9 +127,10 @@ async def serve(settings: RouterSettings) -> None:
         breaker_failures=settings.breaker_failures, breaker_reset_s=settings.breaker_reset_s,
         logo_policy=settings.logo_policy, uncertain_below=settings.uncertain_below,
         localize_timeout_s=settings.localize_timeout_s, crop_margin=settings.crop_margin,
-        whole_photo_share=settings.whole_photo_share), localizer)
+        whole_photo_share=settings.whole_photo_share, open_set=settings.open_set), localizer)
     log_event(logger, "logo policy", policy=settings.logo_policy, uncertain_below=settings.uncertain_below,
               source=settings.uncertain_source)
+    log_event(logger, "open-set verdict", **(vars(settings.open_set) if settings.open_set else {"policy": "none"}))
 
     server = GrpcServer("router", settings.server, [SERVICE_NAME])
     pb_grpc.add_RecognitionServiceServicer_to_server(

@@ -11,6 +11,7 @@ from common.data import data_dir
 from common.images import DEFAULT_MAX_PIXELS
 from common.plugins import DEFAULT_PLUGINS_DIR
 from common.server import ServerSettings, add_server_arguments, env
+from router_service.open_set import OpenSetPolicy
 
 
 # The stack routes to the EfficientNet-Lite0 model by default: it is far more
@@ -29,6 +30,12 @@ DEFAULT_LOGO_POLICY_FILE = Path(__file__).resolve().parent / "logo_policy.json"
 DEFAULT_MODEL_CARDS_DIR = Path(__file__).resolve().parent.parent / "serving_models"
 # The localiser finds the car in a whole photo before classification (router_service/localizer.py).
 DEFAULT_LOCALIZER_MODEL = "localizer"
+DEFAULT_CROP_MARGIN = 0.05
+DEFAULT_WHOLE_PHOTO_SHARE = 0.9
+# The open-set verdict's thresholds (router_service/open_set.py), fitted by builders/open_set.py.
+DEFAULT_OPEN_SET_FILE = Path(__file__).resolve().parent / "open_set.json"
+# An environment variable set to "" means "unset" (common.server.env): this word turns a stage off.
+NONE = "none"
 DEFAULT_EXTRA_MODELS = "global,global:audi,global:bmw,global:chevrolet,global:dodge,global:ford,global:hyundai"
 
 
@@ -54,6 +61,7 @@ class RouterSettings:
     logo_policy: str
     uncertain_below: float
     uncertain_source: str  # where uncertain_below came from, for the start-up log
+    open_set: OpenSetPolicy | None  # None: answers carry no verdict
     model_cards_dir: Path | None
     health_interval_s: float
     batch_limit: int
@@ -70,14 +78,14 @@ def parse_settings(argv: list[str] | None = None) -> RouterSettings:
                         help="TF Serving model name of the global classifier ($ROUTER_GLOBAL_MODEL)")
     parser.add_argument("--localizer-model", default=env("ROUTER_LOCALIZER_MODEL", DEFAULT_LOCALIZER_MODEL),
                         help="TF Serving model name of the localiser that finds the car before classification; "
-                             "empty = classify every photo whole ($ROUTER_LOCALIZER_MODEL)")
+                             "`none` (or an empty flag) = classify every photo whole ($ROUTER_LOCALIZER_MODEL)")
     parser.add_argument("--localize-timeout-ms", type=float, default=float(env("ROUTER_LOCALIZE_TIMEOUT_MS", "3000")),
                         help="deadline for the localiser; slower → the whole photo is classified "
                              "($ROUTER_LOCALIZE_TIMEOUT_MS)")
-    parser.add_argument("--crop-margin", type=float, default=float(env("ROUTER_CROP_MARGIN", "0.05")),
+    parser.add_argument("--crop-margin", type=float, default=float(env("ROUTER_CROP_MARGIN", str(DEFAULT_CROP_MARGIN))),
                         help="the car's box grows by this share of its width and height on every side before "
                              "the crop ($ROUTER_CROP_MARGIN)")
-    parser.add_argument("--whole-photo-share", type=float, default=float(env("ROUTER_WHOLE_PHOTO_SHARE", "0.9")),
+    parser.add_argument("--whole-photo-share", type=float, default=float(env("ROUTER_WHOLE_PHOTO_SHARE", str(DEFAULT_WHOLE_PHOTO_SHARE))),
                         help="a box (with its margin) spanning at least this share of the photo's width and height "
                              "is not cropped: the photo is already a tight crop ($ROUTER_WHOLE_PHOTO_SHARE)")
     parser.add_argument("--extra-models", default=env("ROUTER_EXTRA_MODELS", DEFAULT_EXTRA_MODELS),
@@ -111,6 +119,9 @@ def parse_settings(argv: list[str] | None = None) -> RouterSettings:
     parser.add_argument("--logo-policy-file", type=Path,
                         default=Path(env("ROUTER_LOGO_POLICY_FILE", str(DEFAULT_LOGO_POLICY_FILE))),
                         help="logo_policy.json with the calibrated threshold ($ROUTER_LOGO_POLICY_FILE)")
+    parser.add_argument("--open-set-file", default=env("ROUTER_OPEN_SET_FILE", str(DEFAULT_OPEN_SET_FILE)),
+                        help="open_set.json with the fitted verdict thresholds (router_service/open_set.py); "
+                             "`none` (or an empty flag) = no verdict ($ROUTER_OPEN_SET_FILE)")
     parser.add_argument("--model-cards-dir", default=env("ROUTER_MODEL_CARDS_DIR", str(DEFAULT_MODEL_CARDS_DIR)),
                         help="TF Serving's model base folder, read for <model>/<version>/model_card.json (what "
                              "ListModels says about each model); empty = none ($ROUTER_MODEL_CARDS_DIR)")
@@ -128,6 +139,13 @@ def parse_settings(argv: list[str] | None = None) -> RouterSettings:
             parser.error(f"{args.logo_policy_file}: no calibrated threshold ({exc}); run "
                          "`python -m builders.logo_policy` or set ROUTER_LOGO_UNCERTAIN_BELOW")
         uncertain_source = str(args.logo_policy_file)
+    open_set = None
+    if args.open_set_file.strip() not in ("", NONE):
+        try:
+            open_set = OpenSetPolicy.load(Path(args.open_set_file))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            parser.error(f"{args.open_set_file}: no fitted verdict thresholds ({exc}); run "
+                         "`python -m builders.open_set` or set ROUTER_OPEN_SET_FILE=none for no verdict")
     if not args.model_server:
         parser.error("the model server address is required: --model-server or MODEL_SERVER_ADDRESS")
     return RouterSettings(
@@ -135,7 +153,7 @@ def parse_settings(argv: list[str] | None = None) -> RouterSettings:
         model_server=DownstreamSettings.from_args(args, "model_server"),
         logo_service=DownstreamSettings.from_args(args, "logo_service"),
         global_model=args.global_model,
-        localizer_model=args.localizer_model.strip(),
+        localizer_model="" if args.localizer_model.strip() == NONE else args.localizer_model.strip(),
         localize_timeout_s=args.localize_timeout_ms / 1000,
         crop_margin=args.crop_margin,
         whole_photo_share=args.whole_photo_share,
@@ -151,6 +169,7 @@ def parse_settings(argv: list[str] | None = None) -> RouterSettings:
         logo_policy=args.logo_policy,
         uncertain_below=uncertain_below,
         uncertain_source=uncertain_source,
+        open_set=open_set,
         model_cards_dir=Path(args.model_cards_dir) if args.model_cards_dir else None,
         health_interval_s=args.health_interval_s,
         batch_limit=args.batch_limit,

@@ -13,6 +13,8 @@ Starts a model server, a logo service and one router per logo policy
 - the router with each policy;
 - the router with the default policy and `skip_localization` (the photo
   classified whole: what the localiser costs, issue 21);
+- a router with the default policy and no open-set verdict
+  (`ROUTER_OPEN_SET_FILE=none`: what the verdict costs, issue 22);
 
 each at 1 and at 8 clients at a time, and prints requests/s, p50 and p95 with
 the ratios to `skip_logo` and to `skip_localization`. Writes the JSON report.
@@ -165,6 +167,10 @@ def run(requests: int, log_dir: Path) -> dict:
             routers[policy] = start_router(models.address, logo.address, log_dir / policy,
                                            env={"ROUTER_LOGO_POLICY": policy})
             services.append(routers[policy])
+        # The default policy without the open-set verdict: what the verdict costs (issue 22).
+        routers["no_verdict"] = start_router(models.address, logo.address, log_dir / "no_verdict",
+                                             env={"ROUTER_LOGO_POLICY": "uncertain", "ROUTER_OPEN_SET_FILE": "none"})
+        services.append(routers["no_verdict"])
         for service in services:
             service.wait_healthy()
         report = {"saved_model_alone": saved_model_alone(photos, requests, default_versions()[-2:]), "router": {}}
@@ -175,6 +181,9 @@ def run(requests: int, log_dir: Path) -> dict:
                                               skip_localization=True)}
             for policy in POLICIES:
                 rows[policy] = load(routers[policy].address, photos, n, clients)
+            rows["uncertain_without_verdict"] = load(routers["no_verdict"].address, photos, n, clients)
+            rows["uncertain"]["p50_vs_without_verdict"] = round(
+                rows["uncertain"]["ms_p50"] / rows["uncertain_without_verdict"]["ms_p50"], 2)
             base, whole = rows["skip_logo"], rows["skip_localization"]
             for row in rows.values():
                 row["throughput_vs_skip_logo"] = round(row["per_second"] / base["per_second"], 2)

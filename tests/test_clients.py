@@ -32,8 +32,8 @@ COMMANDS = {
 }
 OTHERS = ["node", "go", "cpp"]
 # Fields that must agree exactly between the clients for the same photo (ms, confidences and the box aside).
-SAME = ["image", "make", "model", "year", "label", "route", "route_detail", "cars_found", "framing", "model_name",
-        "model_version", "logo"]
+SAME = ["image", "make", "model", "year", "label", "route", "route_detail", "cars_found", "framing", "verdict",
+        "model_name", "model_version", "logo"]
 BOX_KEYS = ["x_min", "y_min", "x_max", "y_max", "score"]
 
 
@@ -78,6 +78,8 @@ def test_python_reference_lines(python_lines):
         assert 0 <= box["x_min"] < box["x_max"] <= 1 and 0 <= box["y_min"] < box["y_max"] <= 1, box
         assert answer["framing"] in ("cropped", "already_tight", "no_car_found", "whole_photo"), answer
         assert isinstance(answer["cars_found"], int) and answer["cars_found"] >= 0
+        assert answer["verdict"] == "recognized", answer  # catalogue photos
+        assert answer["verdict_score"] < answer["verdict_threshold"], answer
     assert bad["error"]["code"] == "INVALID_ARGUMENT" and bad["error"]["message"]
 
 
@@ -92,6 +94,8 @@ def test_client_prints_what_the_python_client_prints(name, router, inputs, pytho
         assert {k: mine[k] for k in SAME} == {k: theirs[k] for k in SAME}
         assert mine["confidence"] == pytest.approx(theirs["confidence"], abs=2e-4)
         assert mine["make_confidence"] == pytest.approx(theirs["make_confidence"], abs=2e-4)
+        assert mine["verdict_score"] == pytest.approx(theirs["verdict_score"], abs=2e-4)
+        assert mine["verdict_threshold"] == pytest.approx(theirs["verdict_threshold"], abs=2e-4)
         assert_box(mine["box"], theirs["box"])
         assert [p["label"] for p in mine["top_k"]] == [p["label"] for p in theirs["top_k"]]
         assert [p["confidence"] for p in mine["top_k"]] == pytest.approx(

@@ -132,3 +132,17 @@ def test_without_its_localizer_the_router_classifies_whole_photos_and_says_why(m
             timeout=60)
     assert reply.framing == pb.FRAMING_WHOLE_PHOTO and "localiser failed (NOT_FOUND)" in reply.route_detail
     assert reply.label == crop_reply.label
+
+
+def test_localizer_none_turns_localisation_off(make_router, logo_service, answered_right):
+    router = make_router(logo_service.address, env={"ROUTER_LOCALIZER_MODEL": "none"})
+    router.wait_healthy()
+    photo, crop_reply = answered_right[0]
+    with grpc.insecure_channel(router.address) as channel:
+        stub = pb_grpc.RecognitionServiceStub(channel)
+        reply = stub.Recognize(pb.RecognizeRequest(image=photo.path.read_bytes(),
+                                                   options=pb.RecognizeOptions(skip_logo=True)), timeout=60)
+        listed = stub.ListModels(pb.ListModelsRequest(), timeout=30)
+    assert reply.framing == pb.FRAMING_WHOLE_PHOTO and "no localiser configured" in reply.route_detail
+    assert reply.label == crop_reply.label and "localize" not in {t.stage for t in reply.timings}
+    assert all(m.task == "classifier" for m in listed.models)

@@ -170,6 +170,9 @@ std::string ToJson(const std::string& image, const v1::RecognizeResponse& r) {
   std::string framing = v1::Framing_Name(r.framing());
   if (framing.rfind("FRAMING_", 0) == 0) framing = framing.substr(8);
   std::transform(framing.begin(), framing.end(), framing.begin(), [](unsigned char c) { return std::tolower(c); });
+  std::string verdict = v1::Verdict_Name(r.verdict());
+  if (verdict.rfind("VERDICT_", 0) == 0) verdict = verdict.substr(8);
+  std::transform(verdict.begin(), verdict.end(), verdict.begin(), [](unsigned char c) { return std::tolower(c); });
   std::string box = Object()
                         .Raw("x_min", Number(r.box().x_min(), 4))
                         .Raw("y_min", Number(r.box().y_min(), 4))
@@ -212,6 +215,9 @@ std::string ToJson(const std::string& image, const v1::RecognizeResponse& r) {
       .Raw("box", box)
       .Raw("cars_found", std::to_string(r.cars_found()))
       .Str("framing", framing)
+      .Str("verdict", verdict)
+      .Raw("verdict_score", Number(r.verdict_score(), 4))
+      .Raw("verdict_threshold", Number(r.verdict_threshold(), 4))
       .Str("model_name", r.model_name())
       .Raw("model_version", std::to_string(r.model_version()))
       .Raw("logo", logo)
