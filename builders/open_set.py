@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
+from common.model_card import read_card
 from dataset.composites import background_paths, encode_jpeg, frame_around, read_bgr
 from dataset.split import data_dir, load_split
 from router_service.localizer import WHOLE, covers_photo, crop_encoded, with_margin
@@ -95,7 +96,7 @@ class ServedPipeline:
     """The router's path without the network: the localiser, the router's crop, the global classifier."""
 
     def __init__(self, localizer: str = DEFAULT_LOCALIZER_MODEL, classifier: str = DEFAULT_GLOBAL_MODEL) -> None:
-        card = json.loads((latest_version(localizer) / "model_card.json").read_text())
+        card = read_card(latest_version(localizer))
         self.box_threshold = float(card["threshold"])
         self.localize = tf.saved_model.load(str(latest_version(localizer))).signatures["serving_default"]
         self.classify = tf.saved_model.load(str(latest_version(classifier))).signatures["serving_default"]

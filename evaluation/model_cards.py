@@ -19,6 +19,7 @@ import json
 import time
 from pathlib import Path
 
+from common.model_card import card_path, read_card, write_card
 from dataset.split import load_split, split_hash
 
 SERVING_MODELS = Path(__file__).resolve().parent.parent / "serving_models"
@@ -40,11 +41,11 @@ def main(argv: list[str] | None = None) -> None:
     indents: dict[Path, int] = {}
     for key, scores in report["models"].items():
         name, _, signature = key.partition(":")
-        path = served_version(args.models_dir, name) / "model_card.json"
+        path = served_version(args.models_dir, name)
         if path not in cards:
-            text = path.read_text()
-            cards[path] = json.loads(text)
-            indents[path] = len(text.splitlines()[1]) - len(text.splitlines()[1].lstrip())  # keep the file's style
+            cards[path] = read_card(path)
+            second_line = card_path(path).read_text().splitlines()[1]
+            indents[path] = len(second_line) - len(second_line.lstrip())  # keep the file's style
         card = cards[path]
         evaluation = card.setdefault("evaluation", {})
         evaluation.update({"split": "test", "command": f"make evaluate OUT={args.report}",
@@ -52,8 +53,7 @@ def main(argv: list[str] | None = None) -> None:
         evaluation.setdefault("signatures", {})[signature or "serving_default"] = {
             "photos": scores["n"], "top1": scores["top1"], "make_top1": scores["make_top1"], "ece": scores["ece"]}
     for path, card in cards.items():
-        path.write_text(json.dumps(card, indent=indents[path] or 1) + "\n")
-        print(f"{path}: {sorted(card['evaluation']['signatures'])}")
+        print(f"{write_card(path, card, indent=indents[path] or 1)}: {sorted(card['evaluation']['signatures'])}")
 
 
 if __name__ == "__main__":

@@ -10,9 +10,10 @@ is listed without figures; nothing breaks.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
+
+from common.model_card import CardError, read_card
 
 PLACEHOLDER_BELOW = 0.5  # under half the default's test top-1: a placeholder, not a classifier
 
@@ -42,8 +43,8 @@ class ModelCards:
         if self.root is None or not version:
             return CardSummary()
         try:
-            card = json.loads((self.root / name / str(version) / "model_card.json").read_text())
-        except (OSError, ValueError):
+            card = read_card(self.root / name / str(version))
+        except CardError:
             return CardSummary()
         size = card.get("input_size") or [0]
         scores = (card.get("evaluation") or {}).get("signatures", {}).get(signature) or {}

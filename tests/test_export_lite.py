@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from common.model_card import write_card
 from common.plugins import DEFAULT_PLUGINS_DIR, load_plugins
 from training import data
 from training.efficientnet_lite import build_parts, block_list
@@ -135,7 +136,8 @@ def test_ensemble_temperatures_never_fitted_on_val_the_members_trained_on(tmp_pa
     assert len(fits) == 1
     twin = tmp_path / "twin"
     twin.mkdir()
-    (twin / "model_card.json").write_text(json.dumps({"ensemble_temperatures": TEMPERATURES}))
+    write_card(twin, {"name": "efficientnet_lite0", "architecture": "the train-only twin", "input_size": [320, 320],
+                      "ensemble_temperatures": TEMPERATURES})
     assert choose_temperatures([trained_on_val, trained_on_val], twin, fit_on_val) == (TEMPERATURES,
                                                                                      f"taken from {twin}")
     assert len(fits) == 1  # the twin's were used, val was not touched

@@ -33,6 +33,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from common.model_card import read_card
 from common.plugins import DEFAULT_PLUGINS_DIR, load_plugins
 from training.metrics import expected_calibration_error, fit_temperature
 from dataset.split import Photo, data_dir, load_split, split_hash
@@ -56,7 +57,7 @@ def rebuild(export_dir: Path) -> SimpleNamespace:
 
     ensemble = load_ensemble(export_dir)
     return SimpleNamespace(bottom=ensemble.bottom, bridges=ensemble.bridges, tops=ensemble.tops, cuts=ensemble.cuts,
-                           size=ensemble.size, card=json.loads((export_dir / "model_card.json").read_text()),
+                           size=ensemble.size, card=read_card(export_dir),
                            kernels=np.stack(ensemble.kernels), biases=np.stack(ensemble.biases))
 
 
@@ -255,7 +256,7 @@ def measure(export_dir: Path, photos: list[Photo]) -> tuple[dict, dict]:
     """Every make with two or more classes whose photos are cached: compare_make and decide; the brand
     plugins first. Returns the report and, per plugin slug, its ensemble brand model (the members'
     heads, the temperature, the global class indices they answer for) for training.brand_heads_export."""
-    card = json.loads((export_dir / "model_card.json").read_text())
+    card = read_card(export_dir)
     cache = np.load(cache_path(export_dir))
     row = {image_id: i for i, image_id in enumerate(cache["image_ids"])}
     kernels, biases, features = cache["kernels"], cache["biases"], cache["features"]

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import platform
 import shlex
 import shutil
@@ -29,6 +28,7 @@ import sys
 import time
 from pathlib import Path
 
+from common.model_card import write_card
 from training.brand_heads import DECISION_RULE, SERVED, measure, rebuild
 from training.export import dir_bytes
 from training.export_lite import export_savedmodel
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
                          f"left in {staging}")
     card = new_card(parts.card, args.version, report, winners, temperatures, served, heads, staging, argv,
                     time.time() - t0)
-    (staging / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")
+    write_card(staging, card)
     write_warmup_requests(staging, card["name"], sorted(card["signatures"]))
     if args.force:
         shutil.rmtree(export_dir, ignore_errors=True)

@@ -27,7 +27,6 @@ disk and in memory; a plugin names {"name": "global", "signature": "audi"}.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import shlex
 import shutil
@@ -42,6 +41,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from common.model_card import write_card
 from common.plugins import DEFAULT_PLUGINS_DIR, load_plugins
 from training import data
 from training.image_guard import check_image_sizes
@@ -302,7 +302,7 @@ def export_model(model: keras.Model, classes: list[data.ClassInfo], size: int, *
         },
     }
     card["export"]["seconds"] = round(time.time() - t0, 1)
-    (staging / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")
+    write_card(staging, card)
     write_warmup_requests(staging, model_name, sorted(heads))  # every signature: the router calls each
     if force:
         shutil.rmtree(export_dir, ignore_errors=True)

@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
+from common.model_card import read_card, write_card
 from training import data
 from training.export import dir_bytes, predict_files, signature_outputs, topk_metrics
 from training.export_lite import LiteServable, photos_of
@@ -136,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
 
     t0 = time.time()
-    source_card = json.loads((args.source / "model_card.json").read_text())
+    source_card = read_card(args.source)
     name = source_card["name"]
     export_dir = Path(args.base) / name / str(args.version)
     if export_dir.exists() and not args.force:
@@ -195,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
                       "machine": machine(), "variables_bytes": dir_bytes(staging / "variables"),
                       "savedmodel_bytes": dir_bytes(staging), "seconds": round(time.time() - t0, 1)}
     card.pop("evaluation", None)  # the router's figures are the source's: re-measure with make evaluate
-    (staging / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")
+    write_card(staging, card)
     write_warmup_requests(staging, name, sorted(card["signatures"]))
     if args.force:
         shutil.rmtree(export_dir, ignore_errors=True)

@@ -55,6 +55,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from common.model_card import read_card, write_card
 from training import data
 from training.efficientnet_lite import build_parts, build_span, load_imagenet_weights
 from training.export import (SignatureModule, dir_bytes, labels_asset_name, predict_files, signature_outputs,
@@ -212,7 +213,7 @@ def choose_temperatures(states: list[dict], temperatures_from: Path | None,
     if len(states) == 1:
         return None, None
     if temperatures_from:
-        card = json.loads((Path(temperatures_from) / "model_card.json").read_text())
+        card = read_card(Path(temperatures_from))
         return card["ensemble_temperatures"], f"taken from {temperatures_from}"
     if any(s["config"].get("with_val") for s in states):
         raise SystemExit("runs trained on val need --temperatures-from: val can no longer calibrate them")
@@ -345,7 +346,7 @@ def main(argv: list[str] | None = None) -> None:
             "seconds": round(time.time() - t0, 1),
         },
     }
-    (staging / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")
+    write_card(staging, card)
     write_warmup_requests(staging, args.model_name, sorted(heads))  # every signature: the router calls each
     if args.force:
         shutil.rmtree(export_dir, ignore_errors=True)

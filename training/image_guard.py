@@ -17,13 +17,13 @@ saves a new version with the same weights:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 import tensorflow as tf
 
+from common.model_card import card_path, read_card, write_card
 from common.images import DEFAULT_MAX_PIXELS, PIPELINE_NOTE
 
 SERVING_MODELS = Path(__file__).resolve().parent.parent / "serving_models"
@@ -115,9 +115,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"{target} exists; choose another --version")
     started = time.time()
     GuardedSavedModel(tf.saved_model.load(str(source)), args.max_pixels).save(target)
-    card_path = source / "model_card.json"
-    if card_path.exists():
-        card = json.loads(card_path.read_text())
+    if card_path(source).exists():
+        card = read_card(source)
         card["version"] = args.version
         card["image_guard"] = {
             "max_pixels": args.max_pixels,
@@ -126,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
             "command": "python -m training.image_guard " + " ".join(argv if argv is not None else sys.argv[1:]),
             "seconds": round(time.time() - started, 1),
         }
-        (target / "model_card.json").write_text(json.dumps(card, indent=1) + "\n")
+        write_card(target, card, indent=1)
     print(f"wrote {target}")
 
 

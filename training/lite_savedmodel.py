@@ -14,7 +14,6 @@ verifies the rebuilt parts answer exactly as the served signature does.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from common.model_card import read_card
 from training import data
 from training.efficientnet_lite import build_parts, build_span
 
@@ -65,7 +65,7 @@ def member_cuts(card: dict) -> tuple[str, list[int]]:
 
 def load_ensemble(export_dir: Path) -> Ensemble:
     export_dir = Path(export_dir)
-    card = json.loads((export_dir / "model_card.json").read_text())
+    card = read_card(export_dir)
     variant, cuts = member_cuts(card)
     size = card["input_size"][0]
     low = min(cuts)

@@ -30,6 +30,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from common.model_card import write_card
 from dataset.split import load_split, split_hash
 from training import data
 from training.export import dir_bytes
@@ -141,7 +142,8 @@ def export(run: Path, version: int, base: Path, command: str) -> Path:
         staging = Path(scratch) / "staging"
         tf.saved_model.save(module, str(staging), signatures={"serving_default": module.serve.get_concrete_function()})
         card = {
-            "model": MODEL_NAME,
+            "name": MODEL_NAME,
+            "version": version,
             "architecture": (f"EfficientNet-{VARIANT.capitalize()} ImageNet trunk, frozen as in the PyPI wheel, "
                              f"at {SIZE} px; an FCOS-style box head on its {GRID}x{GRID} stride-16 map (with the "
                              f"stride-32 map for context), trained on composites; "
@@ -163,7 +165,7 @@ def export(run: Path, version: int, base: Path, command: str) -> Path:
                        "seconds": round(time.time() - started, 1)},
         }
         card["export"]["savedmodel_bytes"] = dir_bytes(staging)
-        (staging / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")
+        write_card(staging, card)
         write_warmup_requests(staging, MODEL_NAME, ["serving_default"])
         export_dir.parent.mkdir(parents=True, exist_ok=True)
         staging.rename(export_dir)
