@@ -23,6 +23,7 @@ import grpc
 from carrecog.v1 import recognition_service_pb2 as pb
 from carrecog.v1 import recognition_service_pb2_grpc as pb_grpc
 from common.channels import tls_credentials
+from common.server import DEFAULT_ROUTER_ADDRESS
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 # One number of --box, as every client reads it: plain decimal, optional sign and exponent.
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None, out: TextIO = sys.stdout) -> int:
     parser = argparse.ArgumentParser(prog="python -m client", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("images", nargs="+", help="image files or folders")
-    parser.add_argument("--address", default=os.environ.get("ROUTER_ADDRESS", "localhost:50050"),
+    parser.add_argument("--address", default=os.environ.get("ROUTER_ADDRESS", DEFAULT_ROUTER_ADDRESS),
                         help="router host:port ($ROUTER_ADDRESS)")
     parser.add_argument("--top-k", type=int, default=5)
     parser.add_argument("--skip-logo", action="store_true", help="go straight to the global model")

@@ -46,6 +46,14 @@ MIB = 1024 * 1024
 DEFAULT_HOST = "127.0.0.1"
 # Prometheus /metrics ports by env prefix (docs/operations.md, "Metrics, traces and the load test"); other prefixes: off unless set.
 DEFAULT_METRICS_PORTS = {"ROUTER": 9450, "LOGO": 9451, "MODEL_SERVER": 9452}
+# gRPC ports by env prefix: the one place they are defined (services, harness, clients import them).
+DEFAULT_PORTS = {"ROUTER": 50050, "LOGO": 50051, "MODEL_SERVER": 8500}
+DEFAULT_ROUTER_ADDRESS = f"localhost:{DEFAULT_PORTS['ROUTER']}"  # the clients' default (node, go, cpp say the same)
+
+
+def port_from_env(prefix: str) -> int:
+    """<PREFIX>_PORT, or the service's default gRPC port."""
+    return int(env(f"{prefix}_PORT", str(DEFAULT_PORTS[prefix])))
 
 
 def env(name: str, default: str | None = None) -> str | None:

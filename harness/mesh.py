@@ -30,6 +30,7 @@ from pathlib import Path
 
 import yaml
 
+from common.server import port_from_env
 from harness.stack import LoggedProcess, wait_for_file
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -297,8 +298,8 @@ def run(args: argparse.Namespace) -> int:
     services, envoy = [], None
     try:
         print(f"starting services (logs in {run_dir}) ...", file=sys.stderr)
-        model_server = start_model_server(run_dir, int(os.environ.get("MODEL_SERVER_PORT", 8500)))
-        logo = start_logo_service(run_dir, int(os.environ.get("LOGO_PORT", 50051)))
+        model_server = start_model_server(run_dir, port_from_env("MODEL_SERVER"))
+        logo = start_logo_service(run_dir, port_from_env("LOGO"))
         services += [model_server, logo]
         for i in range(args.routers):
             services.append(start_router(model_server.address, logo.address, run_dir / f"router-{i}",

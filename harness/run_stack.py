@@ -10,7 +10,6 @@ Ports come from MODEL_SERVER_PORT (8500), LOGO_PORT (50051) and ROUTER_PORT
 """
 from __future__ import annotations
 
-import os
 import signal
 import sys
 import time
@@ -19,6 +18,7 @@ from client.__main__ import main as client_main
 from harness.stack import ROOT, start_logo_service, start_model_server, start_router
 from harness.supervisor import Supervisor
 from common.data import data_dir
+from common.server import port_from_env
 
 # Test-split photos: three whose logo the gate recognises when the logo stage runs (audi,
 # chevrolet, dodge), three it does not. With the default logo policy (uncertain) the model
@@ -39,14 +39,13 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     images = argv or default_images()
     log_dir = ROOT / "runs" / "stack"
-    port = lambda name, default: int(os.environ.get(name, default))  # noqa: E731
     supervisor = Supervisor()
     try:
         print(f"starting services (logs in {log_dir}) ...", file=sys.stderr)
-        model_server = supervisor.add(lambda p: start_model_server(log_dir, p), port("MODEL_SERVER_PORT", 8500))
-        logo = supervisor.add(lambda p: start_logo_service(log_dir, p), port("LOGO_PORT", 50051))
+        model_server = supervisor.add(lambda p: start_model_server(log_dir, p), port_from_env("MODEL_SERVER"))
+        logo = supervisor.add(lambda p: start_logo_service(log_dir, p), port_from_env("LOGO"))
         router = supervisor.add(lambda p: start_router(model_server.address, logo.address, log_dir, p),
-                                port("ROUTER_PORT", 50050))
+                                port_from_env("ROUTER"))
         for service in supervisor.services:
             service.wait_healthy()
             print(f"{service.name}: SERVING on {service.address} (pid {service.process.pid})", file=sys.stderr)

@@ -24,13 +24,12 @@ from carrecog.v1 import logo_service_pb2_grpc as pb_grpc
 from common.errors import InvalidArgument, Unavailable
 from common.images import DEFAULT_MAX_BYTES, InvalidImage, validate_image
 from common.logs import log_event
-from common.server import GrpcServer, ServerSettings, add_server_arguments, env
+from common.server import DEFAULT_PORTS, GrpcServer, ServerSettings, add_server_arguments, env
 from logo_service.gallery import DEFAULT_ARTIFACT_DIR, load_artifact
 from logo_service.matcher import Candidate, LogoMatcher, MatchResult, UndecodableImage
 
 logger = logging.getLogger("carrecog.logo")
 
-DEFAULT_PORT = 50051
 DEFAULT_CALIBRATION = Path(__file__).resolve().parent / "calibration.json"
 DEFAULT_CANDIDATES = 5
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LogoService"].full_name
@@ -51,7 +50,7 @@ class LogoSettings:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_server_arguments(parser, "LOGO", DEFAULT_PORT)
+    add_server_arguments(parser, "LOGO", DEFAULT_PORTS["LOGO"])
     parser.add_argument("--gallery-dir", type=Path, default=Path(env("LOGO_GALLERY_DIR", str(DEFAULT_ARTIFACT_DIR))),
                         help="the gallery artifact built by `make gallery` ($LOGO_GALLERY_DIR)")
     parser.add_argument("--min-inliers", type=int, default=env("LOGO_MIN_INLIERS"),

@@ -24,7 +24,7 @@ from google.protobuf import text_format
 from common.images import DEFAULT_MAX_PIXELS
 from common.logs import log_event
 from common.runner import run_service
-from common.server import GrpcServer, ServerSettings, add_server_arguments, env
+from common.server import DEFAULT_PORTS, GrpcServer, ServerSettings, add_server_arguments, env
 from model_server.batching import read_batching_parameters
 from model_server.config import load_model_server_config, parse_prefix_map, plan_models, single_model_config
 
@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m model_server",
         description="A stand-in for TensorFlow Serving's gRPC API (PredictionService.Predict/GetModelMetadata, "
                     "ModelService.GetModelStatus) over the same models.config and SavedModel tree.")
-    add_server_arguments(parser, prefix=PREFIX, default_port=8500)
+    add_server_arguments(parser, prefix=PREFIX, default_port=DEFAULT_PORTS[PREFIX])
 
     def flag(name: str, help: str, type=str, default: str | None = None, boolean: bool = False) -> None:
         value = _env_flag(name, default)

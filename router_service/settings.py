@@ -10,7 +10,7 @@ from common.channels import DownstreamSettings, add_downstream_arguments
 from common.data import data_dir
 from common.images import DEFAULT_MAX_PIXELS
 from common.plugins import DEFAULT_PLUGINS_DIR
-from common.server import ServerSettings, add_server_arguments, env
+from common.server import DEFAULT_PORTS, ServerSettings, add_server_arguments, env
 from router_service.open_set import OpenSetPolicy
 
 
@@ -70,7 +70,7 @@ class RouterSettings:
 
 def parse_settings(argv: list[str] | None = None) -> RouterSettings:
     parser = argparse.ArgumentParser(prog="python -m router_service", description=__doc__)
-    add_server_arguments(parser, "ROUTER", default_port=50050)
+    add_server_arguments(parser, "ROUTER", default_port=DEFAULT_PORTS["ROUTER"])
     add_downstream_arguments(parser, "model-server", "MODEL_SERVER", "TF Serving gRPC address host:port, required")
     add_downstream_arguments(parser, "logo-service", "LOGO_SERVICE", "logo service host:port; empty = no logo stage",
                              default="")

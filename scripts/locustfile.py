@@ -35,8 +35,9 @@ from locust import User, constant, events, task  # noqa: E402
 
 from carrecog.v1 import recognition_service_pb2 as pb  # noqa: E402
 from carrecog.v1 import recognition_service_pb2_grpc as pb_grpc  # noqa: E402
+from common.server import DEFAULT_ROUTER_ADDRESS  # noqa: E402
 
-DEFAULT_ADDRESS = "127.0.0.1:50050"
+DEFAULT_ADDRESS = DEFAULT_ROUTER_ADDRESS
 
 
 class GrpcStatusError(Exception):
