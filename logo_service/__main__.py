@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 
 from common.runner import run_service
-from logo_service.server import add_arguments, serve, settings_from_args
+from logo_service.server import serve
+from logo_service.settings import add_arguments, settings_from_args
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,19 +1,14 @@
 """carrecog.v1.LogoService over gRPC: MatchLogo and ListBrands.
 
 The transport (health, reflection, limits, TLS, graceful shutdown, request ids)
-comes from common.server; this module only adds the logo settings, the
+comes from common.server and the settings from logo_service.settings; this module adds the
 servicer, and the warm-up that decides when health says SERVING.
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import logging
-import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
 
 import cv2
 import grpc
@@ -22,74 +17,16 @@ import numpy as np
 from carrecog.v1 import logo_service_pb2 as pb
 from carrecog.v1 import logo_service_pb2_grpc as pb_grpc
 from common.errors import InvalidArgument, Unavailable
-from common.images import DEFAULT_MAX_BYTES, InvalidImage, validate_image
+from common.images import InvalidImage, validate_image
 from common.logs import log_event
-from common.server import DEFAULT_PORTS, GrpcServer, ServerSettings, add_server_arguments, env
-from logo_service.gallery import DEFAULT_ARTIFACT_DIR, load_artifact
+from common.server import GrpcServer
+from logo_service.gallery import load_artifact
 from logo_service.matcher import Candidate, LogoMatcher, MatchResult, UndecodableImage
+from logo_service.settings import DEFAULT_CANDIDATES, LogoSettings
 
 logger = logging.getLogger("carrecog.logo")
 
-DEFAULT_CALIBRATION = Path(__file__).resolve().parent / "calibration.json"
-DEFAULT_CANDIDATES = 5
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LogoService"].full_name
-
-
-@dataclass(frozen=True)
-class LogoSettings:
-    """Everything the logo service reads from flags / environment, once, at start."""
-
-    server: ServerSettings
-    gallery_dir: Path  # the artifact `make gallery` builds: gallery.npz + manifest.json
-    min_inliers: int
-    calibrated_on: str | None  # fingerprint of the gallery the gate was calibrated on
-    gate_source: str  # where min_inliers came from, for the start-up log
-    workers: int
-    max_image_bytes: int
-    log_level: str
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_server_arguments(parser, "LOGO", DEFAULT_PORTS["LOGO"])
-    parser.add_argument("--gallery-dir", type=Path, default=Path(env("LOGO_GALLERY_DIR", str(DEFAULT_ARTIFACT_DIR))),
-                        help="the gallery artifact built by `make gallery` ($LOGO_GALLERY_DIR)")
-    parser.add_argument("--min-inliers", type=int, default=env("LOGO_MIN_INLIERS"),
-                        help="acceptance gate; default: the calibrated one in calibration.json ($LOGO_MIN_INLIERS)")
-    parser.add_argument("--calibration", type=Path, default=Path(env("LOGO_CALIBRATION", str(DEFAULT_CALIBRATION))),
-                        help="calibration.json that holds the gate ($LOGO_CALIBRATION)")
-    parser.add_argument("--workers", type=int, default=int(env("LOGO_WORKERS", str(os.cpu_count() or 2))),
-                        help="threads that run SIFT matching ($LOGO_WORKERS)")
-    parser.add_argument("--max-image-mb", type=float,
-                        default=float(env("LOGO_MAX_IMAGE_MB", str(DEFAULT_MAX_BYTES / 2**20))),
-                        help="largest accepted image in MiB ($LOGO_MAX_IMAGE_MB)")
-
-
-def settings_from_args(args: argparse.Namespace) -> LogoSettings:
-    calibrated_on = None
-    if args.min_inliers is not None:
-        min_inliers, source = int(args.min_inliers), "LOGO_MIN_INLIERS / --min-inliers"
-    else:
-        try:
-            report = json.loads(args.calibration.read_text())
-            min_inliers = int(report["gate"]["min_inliers"])
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"{args.calibration}: no calibrated gate ({exc}); run "
-                             "`python -m builders.logo_calibrate` or set LOGO_MIN_INLIERS") from exc
-        source, calibrated_on = str(args.calibration), report.get("gallery", {}).get("fingerprint")
-    if min_inliers < 1:
-        raise ValueError(f"min inliers must be >= 1, got {min_inliers}")
-    if args.workers < 1:
-        raise ValueError(f"LOGO_WORKERS must be >= 1, got {args.workers}")
-    return LogoSettings(
-        server=ServerSettings.from_args(args),
-        gallery_dir=args.gallery_dir,
-        min_inliers=min_inliers,
-        calibrated_on=calibrated_on,
-        gate_source=source,
-        workers=args.workers,
-        max_image_bytes=int(args.max_image_mb * 2**20),
-        log_level=args.log_level,
-    )
 
 
 def _match_pb(c: Candidate) -> pb.LogoMatch:

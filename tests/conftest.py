@@ -11,7 +11,7 @@ from carrecog.v1 import logo_service_pb2, logo_service_pb2_grpc
 from carrecog.v1 import recognition_service_pb2_grpc
 from common.data import data_dir
 from common.plugins import DEFAULT_PLUGINS_DIR, load_plugins
-from logo_service.server import DEFAULT_CALIBRATION
+from logo_service.settings import DEFAULT_CALIBRATION
 from router_service.settings import DEFAULT_GLOBAL_MODEL
 from harness.stack import start_logo_service, start_model_server, start_router
 from dataset.split import load_split

@@ -53,8 +53,8 @@ def service_help() -> str:
     import io
     import os
 
-    from logo_service.server import add_arguments as logo_arguments
-    from model_server.__main__ import build_parser as model_server_parser
+    from logo_service.settings import add_arguments as logo_arguments
+    from model_server.settings import build_parser as model_server_parser
     from router_service.settings import parse_settings
 
     os.environ["COLUMNS"] = "1000"  # argparse wraps help at the terminal's width, which would split the names

@@ -11,7 +11,7 @@ from carrecog.v1 import logo_service_pb2 as pb
 from carrecog.v1 import logo_service_pb2_grpc as pb_grpc
 from common.data import data_dir
 from common.plugins import DEFAULT_PLUGINS_DIR, load_plugins
-from logo_service.server import add_arguments, settings_from_args
+from logo_service.settings import add_arguments, settings_from_args
 from harness.stack import start_service
 from tests.test_logo_matcher import HIT_BRAND, HIT_BRAND_NAME, HIT_PHOTO, MISS_PHOTO, gate, small_gallery
 from builders.logo_gallery import write_artifact

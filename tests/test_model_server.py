@@ -26,7 +26,7 @@ from tensorflow_serving.apis import (classification_pb2, get_model_metadata_pb2,
                                      model_service_pb2_grpc, predict_pb2, prediction_log_pb2,
                                      prediction_service_pb2_grpc)
 
-from model_server.__main__ import build_parser
+from model_server.settings import build_parser
 from tests import images
 from model_server.batch_scheduler import BatchScheduler
 from model_server.batching import BatchingParameters, read_batching_parameters

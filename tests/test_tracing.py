@@ -38,7 +38,8 @@ PREDICT = "/tensorflow.serving.PredictionService/Predict"
 
 
 async def _start_logo(executor: ThreadPoolExecutor) -> GrpcServer:
-    from logo_service.server import SERVICE_NAME, LogoServicer, add_arguments, load_matcher, settings_from_args
+    from logo_service.server import SERVICE_NAME, LogoServicer, load_matcher
+    from logo_service.settings import add_arguments, settings_from_args
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
