@@ -24,7 +24,7 @@ from carrecog.v1 import recognition_service_pb2_grpc as pb_grpc
 from common.data import data_dir
 from common.plugins import DEFAULT_PLUGINS_DIR, load_plugins
 from router_service.catalog import ModelCatalog
-from harness.stack import running_stack
+from harness.stack import router_or_stack
 from training.metrics import Scores, write_reports
 from dataset.split import load_split, read_labels
 
@@ -109,11 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--router", help="evaluate a running router at host:port instead of starting the stack")
     args = parser.parse_args(argv)
     rows = labelled_photos(args.labels, args.images_root)
-    if args.router:
-        scores = evaluate(rows, args.router)
-    else:
-        with running_stack("carrecog-eval-") as router:
-            scores = evaluate(rows, router)
+    with router_or_stack(args.router, "carrecog-eval-") as router:
+        scores = evaluate(rows, router)
     report = write_reports(scores, args.out, n=len(rows))
     print(json.dumps({"n": report["n"], "pipeline": report["pipeline"],
                       "models": {k: {m: v[m] for m in ("n", "top1", "top5", "make_top1")}

@@ -17,7 +17,6 @@ Fixed seed: the same frames every run.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import grpc
@@ -26,7 +25,7 @@ import numpy as np
 from carrecog.v1 import recognition_service_pb2 as pb
 from carrecog.v1 import recognition_service_pb2_grpc as pb_grpc
 from dataset.split import load_split
-from harness.stack import running_stack
+from harness.stack import router_or_stack, write_report
 from dataset.composites import background_paths, encode_jpeg, frame_around, iou, read_bgr, two_cars
 from training.metrics import expected_calibration_error
 
@@ -144,15 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--router", help="a running router at host:port instead of starting the stack")
     parser.add_argument("--router-arg", action="append", default=[], help="extra router flag (repeatable)")
     args = parser.parse_args(argv)
-    if args.router:
-        report = evaluate(args.router, args.split, args.limit)
-    else:
-        with running_stack("carrecog-framing-", args.router_arg) as router:
-            report = evaluate(router, args.split, args.limit)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report))
+    with router_or_stack(args.router, "carrecog-framing-", args.router_arg) as router:
+        report = evaluate(router, args.split, args.limit)
+    write_report(args.out, report, markdown(report))
     return 0
 
 

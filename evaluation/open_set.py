@@ -19,7 +19,6 @@ catalogue test crops.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import grpc
@@ -29,7 +28,7 @@ from builders.open_set import dev_photos, framed_catalogue
 from carrecog.v1 import recognition_service_pb2 as pb
 from carrecog.v1 import recognition_service_pb2_grpc as pb_grpc
 from dataset.split import load_split
-from harness.stack import running_stack
+from harness.stack import router_or_stack, write_report
 
 BATCH = 16
 BASELINE_FLAGGED = 0.03  # the baseline's threshold flags this share of the catalogue test crops
@@ -159,15 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, help="a seeded sample of this many test photos")
     parser.add_argument("--router", help="a running router at host:port instead of starting the stack")
     args = parser.parse_args(argv)
-    if args.router:
-        result = evaluate(args.router, args.limit)
-    else:
-        with running_stack("carrecog-open-set-") as router:
-            result = evaluate(router, args.limit)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
+    with router_or_stack(args.router, "carrecog-open-set-") as router:
+        result = evaluate(router, args.limit)
+    write_report(args.out, result, markdown(result))
     return 0
 
 

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import contextlib
+import json
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -174,3 +175,21 @@ def running_stack(prefix: str, router_args: list[str] | None = None) -> Iterator
     finally:
         for service in reversed(services):
             service.stop()
+
+
+@contextlib.contextmanager
+def router_or_stack(router: str | None, prefix: str, router_args: list[str] | None = None) -> Iterator[str]:
+    """The router at `router` when given (host:port), else a fresh stack's (running_stack)."""
+    if router:
+        yield router
+    else:
+        with running_stack(prefix, router_args) as address:
+            yield address
+
+
+def write_report(out: Path, report: dict, markdown: str) -> None:
+    """`out` (JSON) and the same name with .md beside it; the markdown also to stdout."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    out.with_suffix(".md").write_text(markdown)
+    print(markdown)
