@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import json
 import sys
 import time
@@ -35,16 +34,16 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from common.model_card import read_card
-from dataset.composites import background_paths, encode_jpeg, frame_around, read_bgr
+from builders.logo_policy import latest_version
+from dataset.composites import background_paths, encode_jpeg, frame_around, in_half, read_bgr
 from dataset.split import data_dir, load_split
 from router_service.localizer import WHOLE, covers_photo, crop_encoded, with_margin
 from router_service.open_set import not_a_car_score
 from router_service.settings import (DEFAULT_CROP_MARGIN, DEFAULT_GLOBAL_MODEL, DEFAULT_LOCALIZER_MODEL,
                                      DEFAULT_OPEN_SET_FILE, DEFAULT_WHOLE_PHOTO_SHARE)
-from router_service.tf_serving import Label, make_index
+from router_service.routing import choose_answer
+from router_service.tf_serving import Label, Prediction, make_index
 
-SERVING_MODELS = Path(__file__).resolve().parents[1] / "serving_models"
 FRAMED_COVERS = (0.30, 0.60)  # the car's share of the width in the framed in-catalogue photos
 SEED = 0
 
@@ -64,14 +63,13 @@ class DevPhoto:
 
 
 def dev_photos(half: str, root: Path | None = None) -> list[DevPhoto]:
-    """open_set_dev's photos of one half ("fit" or "eval"), split by a hash of the image id exactly as
-    the localiser's composite backgrounds are (dataset.composites.background_paths)."""
+    """open_set_dev's photos of one half ("fit" or "eval"), split as the localiser's composite
+    backgrounds are (dataset.composites.in_half)."""
     base = (root or data_dir()) / "open_set_dev"
-    wanted = 0 if half == "fit" else 1
     with open(base / "labels.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     return [DevPhoto(r["image_id"], base / r["file"], r["kind"], r["make"], r["model"]) for r in rows
-            if int(hashlib.sha1(r["image_id"].encode()).hexdigest(), 16) % 2 == wanted]
+            if in_half(r["image_id"], half)]
 
 
 def framed_catalogue(photos: list, half: str, seed: int = SEED) -> list[bytes]:
@@ -87,17 +85,10 @@ def framed_catalogue(photos: list, half: str, seed: int = SEED) -> list[bytes]:
     return framed
 
 
-def latest_version(model: str) -> Path:
-    versions = [p for p in (SERVING_MODELS / model).iterdir() if p.name.isdigit()]
-    return max(versions, key=lambda p: int(p.name))
-
-
 class ServedPipeline:
     """The router's path without the network: the localiser, the router's crop, the global classifier."""
 
     def __init__(self, localizer: str = DEFAULT_LOCALIZER_MODEL, classifier: str = DEFAULT_GLOBAL_MODEL) -> None:
-        card = read_card(latest_version(localizer))
-        self.box_threshold = float(card["threshold"])
         self.localize = tf.saved_model.load(str(latest_version(localizer))).signatures["serving_default"]
         self.classify = tf.saved_model.load(str(latest_version(classifier))).signatures["serving_default"]
 
@@ -128,24 +119,15 @@ class ServedPipeline:
                     records[start + i]["box_car_probability"] = float(mass)
             out = self.classify(image_bytes=tf.constant(crops))
             if start == 0:
-                labels = [Label.parse(x.decode()) for x in out["labels"].numpy()[0]]
-                self.makes = sorted({label.make for label in labels})
-                self.make_of_class = np.array(make_index(labels))
-                self.labels = labels
+                labels = tuple(Label.parse(x.decode()) for x in out["labels"].numpy()[0])
+                make_of_class = make_index(list(labels))
             for record, probabilities in zip(records[start:], out["probabilities"].numpy()):
-                record.update(answer_of(probabilities, self.make_of_class, self.makes))
+                best, make_confidence = choose_answer(Prediction(probabilities, labels, 0, "serving_default",
+                                                                 make_of_class))
+                record.update(confidence=float(probabilities[best]), make=labels[best].make,
+                              make_confidence=make_confidence)
             print(f"  {min(start + batch, len(images))}/{len(images)}", end="\r", file=sys.stderr, flush=True)
         return records
-
-
-def answer_of(probabilities: np.ndarray, make_of_class: np.ndarray, makes: list[str]) -> dict:
-    """The router's answer (router_service.routing.choose_answer): the make first, then its best class."""
-    totals = np.bincount(make_of_class, weights=probabilities, minlength=len(makes))
-    make = int(np.argmax(totals))
-    members = np.flatnonzero(make_of_class == make)
-    best = int(members[np.argmax(probabilities[members])])
-    return {"class_index": best, "confidence": float(probabilities[best]), "make": makes[make],
-            "make_confidence": float(totals[make])}
 
 
 def car_evidence(record: dict) -> float:

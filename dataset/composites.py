@@ -32,14 +32,17 @@ class Composite:
     boxes: np.ndarray          # float32 [n, 4] x_min, y_min, x_max, y_max in [0, 1], largest car first
 
 
+def in_half(image_id: str, half: str) -> bool:
+    """open_set_dev is split in two halves, "fit" and "eval", by a hash of the image id."""
+    return int(hashlib.sha1(image_id.encode()).hexdigest(), 16) % 2 == (0 if half == "fit" else 1)
+
+
 def background_paths(half: str, root: Path | None = None) -> list[Path]:
-    """The non-car development photos of one half ("fit" or "eval"), chosen by a hash of the image id."""
+    """The non-car development photos of one half ("fit" or "eval")."""
     base = (root or data_dir()) / "open_set_dev"
     with open(base / "labels.csv", newline="") as f:
         rows = [r for r in csv.DictReader(f) if r["kind"] == "not_car"]
-    wanted = 0 if half == "fit" else 1
-    return sorted(base / r["file"] for r in rows
-                  if int(hashlib.sha1(r["image_id"].encode()).hexdigest(), 16) % 2 == wanted)
+    return sorted(base / r["file"] for r in rows if in_half(r["image_id"], half))
 
 
 def read_bgr(path: Path) -> np.ndarray:

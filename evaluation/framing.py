@@ -68,14 +68,20 @@ def _item(photo, image: bytes, box: np.ndarray) -> dict:
             "id": photo.image_id}
 
 
-def recognise(stub: pb_grpc.RecognitionServiceStub, items: list[dict], skip: bool) -> list[pb.RecognizeResult]:
+def recognise_in_batches(stub: pb_grpc.RecognitionServiceStub, images: list[bytes], ids: list[str],
+                         options: pb.RecognizeOptions) -> list[pb.RecognizeResult]:
+    """Every image through RecognizeBatch, BATCH at a time, with the same options; results in order."""
     results = []
-    for start in range(0, len(items), BATCH):
-        chunk = items[start:start + BATCH]
-        requests = [pb.RecognizeRequest(image=i["image"], image_id=i["id"],
-                                        options=pb.RecognizeOptions(skip_localization=skip)) for i in chunk]
+    for start in range(0, len(images), BATCH):
+        requests = [pb.RecognizeRequest(image=image, image_id=image_id, options=options)
+                    for image, image_id in zip(images[start:start + BATCH], ids[start:start + BATCH])]
         results.extend(stub.RecognizeBatch(pb.RecognizeBatchRequest(requests=requests), timeout=600).results)
     return results
+
+
+def recognise(stub: pb_grpc.RecognitionServiceStub, items: list[dict], skip: bool) -> list[pb.RecognizeResult]:
+    return recognise_in_batches(stub, [i["image"] for i in items], [i["id"] for i in items],
+                                pb.RecognizeOptions(skip_localization=skip))
 
 
 def score(items: list[dict], results: list[pb.RecognizeResult]) -> dict:

@@ -28,24 +28,21 @@ from builders.open_set import dev_photos, framed_catalogue
 from carrecog.v1 import recognition_service_pb2 as pb
 from carrecog.v1 import recognition_service_pb2_grpc as pb_grpc
 from dataset.split import load_split
+from evaluation.framing import recognise_in_batches
 from harness.stack import router_or_stack, write_report
 
-BATCH = 16
 BASELINE_FLAGGED = 0.03  # the baseline's threshold flags this share of the catalogue test crops
 UNKNOWN = (pb.VERDICT_UNKNOWN_MODEL, pb.VERDICT_UNKNOWN_CAR)
 
 
 def recognise(stub: pb_grpc.RecognitionServiceStub, images: list[bytes], options: pb.RecognizeOptions
               ) -> list[pb.RecognizeResponse]:
-    answers = []
-    for start in range(0, len(images), BATCH):
-        requests = [pb.RecognizeRequest(image=image, image_id=str(start + i), options=options)
-                    for i, image in enumerate(images[start:start + BATCH])]
-        for result in stub.RecognizeBatch(pb.RecognizeBatchRequest(requests=requests), timeout=600).results:
-            if result.WhichOneof("outcome") != "response":
-                raise RuntimeError(f"photo {result.image_id} failed: {result.error.message}")
-            answers.append(result.response)
-    return answers
+    """The responses, in order; a photo that fails stops the evaluation (every one here is readable)."""
+    results = recognise_in_batches(stub, images, [str(i) for i in range(len(images))], options)
+    failed = [r for r in results if r.WhichOneof("outcome") != "response"]
+    if failed:
+        raise RuntimeError(f"photo {failed[0].image_id} failed: {failed[0].error.message}")
+    return [r.response for r in results]
 
 
 def auroc(negatives: np.ndarray, positives: np.ndarray) -> float:

@@ -120,10 +120,13 @@ class Recognizer:
         self._fill_prediction(response, model, prediction, top_k)
         if self.settings.open_set is not None:
             crop_detail = await crop_seen if crop_seen is not None else ""
-            best, make_confidence = choose_answer(unrestricted)
+            if unrestricted is prediction:  # the answer filled above is the global model's own
+                confidence, make_confidence = response.confidence, response.make_confidence
+            else:
+                best, make_confidence = choose_answer(unrestricted)
+                confidence = float(unrestricted.probabilities[best])
             localised = response.framing in (pb.FRAMING_CROPPED, pb.FRAMING_ALREADY_TIGHT, pb.FRAMING_NO_CAR_FOUND)
-            verdict = decide(self.settings.open_set, response, localised, float(unrestricted.probabilities[best]),
-                             make_confidence)
+            verdict = decide(self.settings.open_set, response, localised, confidence, make_confidence)
             response.route_detail += f"; verdict: {verdict}{crop_detail}"
         response.timings.add(stage="total", ms=_ms_since(started))
         return response
