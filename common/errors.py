@@ -13,14 +13,24 @@ import re
 import grpc
 
 
+# gRPC's retry design (proposal A6): a server's hint, in milliseconds, of when a retry may succeed.
+# A client with a retry policy waits this long; the interceptor sends it for errors that carry one.
+RETRY_PUSHBACK_HEADER = "grpc-retry-pushback-ms"
+
+
 class ServiceError(Exception):
-    """An error with the gRPC status the client should see; `message` is safe to show to a client."""
+    """An error with the gRPC status the client should see; `message` is safe to show to a client.
+
+    `retry_after_s`: set when a retry after that long may succeed (load, a restart); sent to the
+    client as the RETRY_PUSHBACK_HEADER trailer."""
 
     code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
 
-    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
+    def __init__(self, message: str, code: grpc.StatusCode | None = None,
+                 retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.message = message
+        self.retry_after_s = retry_after_s
         if code is not None:
             self.code = code
 

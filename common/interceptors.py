@@ -3,11 +3,12 @@
 - the request id: from the caller's `x-request-id` metadata (a mesh sidecar
   sets it) or generated, set for the handler and echoed in the trailers;
 - the concurrency limit: calls beyond it get RESOURCE_EXHAUSTED at once and
-  are logged. Health checks and reflection are exempt, so a busy service
+  are logged, with a retry hint (the `grpc-retry-pushback-ms` trailer). Health checks and reflection are exempt, so a busy service
   still answers its orchestrator and is not restarted at its busiest; so are
   the methods a service names as `unlimited` (the model server's
   GetModelStatus, which the router's health follows), though they are logged;
-- errors: a typed error (common.errors) becomes its status; anything else is
+- errors: a typed error (common.errors) becomes its status, with its retry hint if it has
+  one (the same trailer); anything else is
   INTERNAL with the request id, its traceback goes to the log, not the client;
 - request bytes that do not parse (a truncated message, bad UTF-8 in a string
   field) are INVALID_ARGUMENT with a plain message and a warning in the log,
@@ -26,13 +27,15 @@ from typing import Any, Awaitable, Callable, Protocol, Sequence
 
 import grpc
 
-from common.errors import INTERNAL_MESSAGE, InvalidArgument, status_of
+from common.errors import INTERNAL_MESSAGE, RETRY_PUSHBACK_HEADER, InvalidArgument, status_of
 from common.logs import REQUEST_ID, REQUEST_ID_HEADER, log_event, new_request_id
 
 logger = logging.getLogger("carrecog.access")
 
 # Never limited and never access-logged: an orchestrator polls them all the time.
 UNLIMITED_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+# The retry hint on a refusal by the concurrency limit: a slot frees within about one call.
+LIMIT_PUSHBACK_MS = 100
 # Outcomes that are the caller's doing or normal answers, not the service's trouble.
 QUIET_CODES = {"OK", "INVALID_ARGUMENT", "NOT_FOUND", "CANCELLED", "DEADLINE_EXCEEDED"}
 
@@ -143,6 +146,8 @@ class _Call:
         if self.owner.in_flight >= self.owner.limit:
             self.code = "RESOURCE_EXHAUSTED"
             self._finish()
+            context.set_trailing_metadata(((REQUEST_ID_HEADER, self.request_id),
+                                           (RETRY_PUSHBACK_HEADER, str(LIMIT_PUSHBACK_MS))))
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"the service is at its limit of {self.owner.limit} concurrent calls; "
                                 "retry with backoff")
@@ -159,6 +164,10 @@ class _Call:
             self.code = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
             raise exc
         code, message = status_of(exc)
+        retry_after_s = getattr(exc, "retry_after_s", None)
+        if retry_after_s is not None:
+            context.set_trailing_metadata(((REQUEST_ID_HEADER, self.request_id),
+                                           (RETRY_PUSHBACK_HEADER, str(round(retry_after_s * 1000)))))
         if code == grpc.StatusCode.INTERNAL:
             log_event(logger, "unexpected error", logging.ERROR, method=self.method, exc_info=exc)
             message = INTERNAL_MESSAGE.format(request_id=self.request_id)

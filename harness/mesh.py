@@ -14,6 +14,7 @@ the certificate paths. The tests use the same functions with ephemeral ports.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import ipaddress
 import json
@@ -27,11 +28,12 @@ import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import yaml
 
 from common.server import port_from_env
-from harness.stack import LoggedProcess, wait_for_file
+from harness.stack import LoggedProcess, ServiceProcess, wait_for_file
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = ROOT / "deploy" / "envoy" / "envoy.yaml"
@@ -282,56 +284,86 @@ def start_envoy(config_path: Path | str, log_dir: Path | str | None = None, log_
     return envoy
 
 
-# --- make run-mesh ----------------------------------------------------------------------------
+# --- the mesh: make run-mesh, the saturation test and the soak ---------------------------------
 
-def run(args: argparse.Namespace) -> int:
-    from client.__main__ import main as client_main
-    from harness.run_stack import default_images
+@dataclass
+class Mesh:
+    """The stack behind Envoy: one model server, one logo service, routers over mTLS."""
+
+    envoy: EnvoyProcess
+    model_server: ServiceProcess
+    logo_service: ServiceProcess
+    routers: list[ServiceProcess]
+    certs: Path
+    address: str               # where clients call Envoy (127.0.0.1:PORT)
+    plaintext_clients: bool
+
+    @property
+    def processes(self) -> list[LoggedProcess]:
+        return [self.model_server, self.logo_service, *self.routers, self.envoy]
+
+
+@contextlib.contextmanager
+def running_mesh(run_dir: Path, routers: int = 2, listen: str = "127.0.0.1:0", admin_port: int = 0,
+                 plaintext_clients: bool = False, model_server_port: int = 0, logo_port: int = 0,
+                 router_env: dict[str, str] | None = None) -> Iterator[Mesh]:
+    """Start the services and Envoy, wait until every router is SERVING behind it, stop all on the way out."""
     from harness.stack import start_logo_service, start_model_server, start_router
 
-    def _stop(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, _stop)
-    run_dir = ROOT / "runs" / "mesh"
     certs = make_certs(run_dir / "certs")
-    services, envoy = [], None
+    services: list[ServiceProcess] = []
+    envoy = None
     try:
         print(f"starting services (logs in {run_dir}) ...", file=sys.stderr)
-        model_server = start_model_server(run_dir, port_from_env("MODEL_SERVER"))
-        logo = start_logo_service(run_dir, port_from_env("LOGO"))
+        model_server = start_model_server(run_dir, model_server_port)
+        logo = start_logo_service(run_dir, logo_port)
         services += [model_server, logo]
-        for i in range(args.routers):
+        for i in range(routers):
             services.append(start_router(model_server.address, logo.address, run_dir / f"router-{i}",
-                                         env=router_tls_env(certs)))
-        routers = services[2:]
-        tls = MeshTls.from_dir(certs, plaintext_clients=args.plaintext_clients)
-        config = write_config(run_dir / "envoy.yaml", render(args.listen, [r.address for r in routers], tls,
-                                                             admin_port=args.admin_port))
+                                         env={**router_tls_env(certs), **(router_env or {})}))
+        tls = MeshTls.from_dir(certs, plaintext_clients=plaintext_clients)
+        config = write_config(run_dir / "envoy.yaml", render(listen, [r.address for r in services[2:]], tls,
+                                                             admin_port=admin_port))
         envoy = start_envoy(config, run_dir)
-        print(f"envoy: listening on {args.listen} ({'plaintext' if args.plaintext_clients else 'TLS, CA ' + str(certs / 'ca.pem')}),"
-              f" admin {envoy.admin} (log {envoy.log_path})", file=sys.stderr)
         model_server.wait_healthy()
         logo.wait_healthy()
-        envoy.wait_healthy_hosts(len(routers), timeout=300)
-        print(f"{len(routers)} routers SERVING behind envoy: {', '.join(r.address for r in routers)}", file=sys.stderr)
-        images = args.images or default_images()
-        if images:
-            address = args.listen.replace("0.0.0.0", "127.0.0.1")
-            tls_args = [] if args.plaintext_clients else ["--ca", str(certs / "ca.pem")]
-            client_main(["--address", address, *tls_args, *images])
-        print(f"the mesh keeps running (envoy on {args.listen}); Ctrl-C stops it", file=sys.stderr)
-        while envoy.process.poll() is None and all(s.process.poll() is None for s in services):
-            time.sleep(1)
-        print("a process exited; stopping the others", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 0
+        envoy.wait_healthy_hosts(routers, timeout=300)
+        host = listen.rpartition(":")[0].replace("0.0.0.0", "127.0.0.1")
+        yield Mesh(envoy, model_server, logo, services[2:], certs, f"{host}:{envoy.listener_port()}",
+                   plaintext_clients)
     finally:
         if envoy:
             envoy.stop()
         for service in reversed(services):
             service.stop(signal.SIGTERM)
+
+
+def run(args: argparse.Namespace) -> int:
+    from client.__main__ import main as client_main
+    from harness.run_stack import default_images
+
+    def _stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        with running_mesh(ROOT / "runs" / "mesh", args.routers, args.listen, args.admin_port,
+                          args.plaintext_clients, port_from_env("MODEL_SERVER"), port_from_env("LOGO")) as mesh:
+            print(f"envoy: listening on {mesh.address} ({'plaintext' if args.plaintext_clients else 'TLS, CA ' + str(mesh.certs / 'ca.pem')}),"
+                  f" admin {mesh.envoy.admin} (log {mesh.envoy.log_path})", file=sys.stderr)
+            print(f"{len(mesh.routers)} routers SERVING behind envoy: {', '.join(r.address for r in mesh.routers)}",
+                  file=sys.stderr)
+            images = args.images or default_images()
+            if images:
+                tls_args = [] if args.plaintext_clients else ["--ca", str(mesh.certs / "ca.pem")]
+                client_main(["--address", mesh.address, *tls_args, *images])
+            print(f"the mesh keeps running (envoy on {mesh.address}); Ctrl-C stops it", file=sys.stderr)
+            while all(p.process.poll() is None for p in mesh.processes):
+                time.sleep(1)
+            print("a process exited; stopping the others", file=sys.stderr)
+            return 1
+    except KeyboardInterrupt:
+        return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,6 +40,16 @@ class LoggedProcess:
         except OSError:
             return "(no log)"
 
+    def rss_mb(self) -> float:
+        """Resident memory now (/proc); 0.0 once the process is gone."""
+        try:
+            for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+        except OSError:
+            pass
+        return 0.0
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
         if self.process.poll() is None:
             self.process.send_signal(sig)

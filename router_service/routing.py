@@ -19,6 +19,7 @@ from common.channels import outgoing_metadata
 from common.errors import ServiceError, client_message
 from common.images import InvalidImage, validate_image
 from common.logs import REQUEST_ID, log_event
+from router_service.admission import DEADLINE_MARGIN_S, AdmissionGate
 from router_service.breaker import CircuitBreaker
 from router_service.catalog import ModelCatalog, ModelNotReady
 from router_service.localizer import WHOLE, Localizer, box_problem, covers_photo, crop_encoded, with_margin
@@ -33,13 +34,19 @@ MAX_TOP_K = 50
 # unbounded may be echoed into a response or an error (it would break the message limit).
 MAX_IMAGE_ID_CHARS = 256
 MAX_MODEL_NAME_CHARS = 128
+# TF Serving's answer when its batching queue is full (max_enqueued_batches): UNAVAILABLE with this text.
+QUEUE_FULL = "batch scheduling queue to which this task was submitted is full"
+# Retry hints (grpc-retry-pushback-ms): an overloaded model server frees up within about one batch;
+# one that is down or restarting (it reloads its models) takes longer.
+OVERLOADED_RETRY_S = 0.5
+UNAVAILABLE_RETRY_S = 2.0
 
 
 class RecognitionError(ServiceError):
     """A failure the client should see as a gRPC status (code first, as the router always wrote it)."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message, code)
+    def __init__(self, code: grpc.StatusCode, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message, code, retry_after_s)
 
 
 @dataclass(frozen=True)
@@ -58,6 +65,7 @@ class RoutingSettings:
     crop_margin: float = 0.05  # the car's box grows by this share of its size on every side before the crop
     whole_photo_share: float = 0.9  # a box (with margin) spanning this share of width and height: no crop
     open_set: OpenSetPolicy | None = None  # None: no verdict (VERDICT_UNSPECIFIED)
+    max_active: int = 0  # recognitions working downstream at once (router_service.admission); 0 = no gate
 
 
 def check_request(request: pb.RecognizeRequest) -> None:
@@ -81,11 +89,13 @@ class Recognizer:
         self.settings = settings
         self.logo_breaker = CircuitBreaker(settings.breaker_failures, settings.breaker_reset_s)
         self.localizer_breaker = CircuitBreaker(settings.breaker_failures, settings.breaker_reset_s)
+        self.gate = AdmissionGate(settings.max_active) if settings.max_active else None
 
     async def recognize(self, request: pb.RecognizeRequest, time_left: float | None = None) -> pb.RecognizeResponse:
         """Recognise one image; raises RecognitionError with a status a client can act on."""
         started = time.perf_counter()
-        deadline = None if time_left is None else started + time_left
+        # Answer a little before the caller's deadline: our own status, not the caller's (or a proxy's) timeout.
+        deadline = None if time_left is None else started + time_left - DEADLINE_MARGIN_S
         check_request(request)
         response = pb.RecognizeResponse(image_id=request.image_id, request_id=REQUEST_ID.get())
         try:
@@ -105,6 +115,17 @@ class Recognizer:
             problem = box_problem(caller_box, info.width, info.height)
             if problem:
                 raise RecognitionError(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        if self.gate is None:
+            return await self._recognize(request, caller_box, response, started, deadline)
+        async with self.gate.slot(deadline):  # refused here (RESOURCE_EXHAUSTED) if it cannot make its deadline
+            return await self._recognize(request, caller_box, response, started, deadline)
+
+    async def _recognize(self, request: pb.RecognizeRequest, caller_box: tuple[float, float, float, float] | None,
+                         response: pb.RecognizeResponse, started: float, deadline: float | None,
+                         ) -> pb.RecognizeResponse:
+        """The downstream work of one checked request: frame, classify, explain."""
+        options = request.options
+        top_k = options.top_k or DEFAULT_TOP_K
         image, framing_detail = await self._frame(request.image, caller_box, options.skip_localization, response,
                                                   deadline)
         # The verdict needs the localiser's car mass on the crop itself: asked beside the classifier.
@@ -460,10 +481,14 @@ def _downstream_error(model: ModelInfo, exc: grpc.aio.AioRpcError) -> Recognitio
         return RecognitionError(code, f"the model could not read the image: {client_message(exc.details())}")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return RecognitionError(code, f"model {model.name!r} did not answer within the deadline")
-    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return RecognitionError(code, "the model server is overloaded; retry with backoff")
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED or (code == grpc.StatusCode.UNAVAILABLE
+                                                      and QUEUE_FULL in (exc.details() or "")):
+        # Load, not an outage: a proxy must not take this router out of rotation for it (UNAVAILABLE would).
+        return RecognitionError(grpc.StatusCode.RESOURCE_EXHAUSTED, "the model server is overloaded; retry with "
+                                "backoff", retry_after_s=OVERLOADED_RETRY_S)
     return RecognitionError(grpc.StatusCode.UNAVAILABLE,
-                            f"the model server cannot serve model {model.name!r} now ({code.name}); retry later")
+                            f"the model server cannot serve model {model.name!r} now ({code.name}); retry later",
+                            retry_after_s=UNAVAILABLE_RETRY_S)
 
 
 def _ms_since(started: float) -> float:

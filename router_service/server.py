@@ -127,7 +127,8 @@ async def serve(settings: RouterSettings) -> None:
         breaker_failures=settings.breaker_failures, breaker_reset_s=settings.breaker_reset_s,
         logo_policy=settings.logo_policy, uncertain_below=settings.uncertain_below,
         localize_timeout_s=settings.localize_timeout_s, crop_margin=settings.crop_margin,
-        whole_photo_share=settings.whole_photo_share, open_set=settings.open_set), localizer)
+        whole_photo_share=settings.whole_photo_share, open_set=settings.open_set,
+        max_active=settings.max_active), localizer)
     log_event(logger, "logo policy", policy=settings.logo_policy, uncertain_below=settings.uncertain_below,
               source=settings.uncertain_source)
     log_event(logger, "open-set verdict", **(vars(settings.open_set) if settings.open_set else {"policy": "none"}))

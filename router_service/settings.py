@@ -34,6 +34,9 @@ DEFAULT_CROP_MARGIN = 0.05
 DEFAULT_WHOLE_PHOTO_SHARE = 0.9
 # The open-set verdict's thresholds (router_service/open_set.py), fitted by builders/open_set.py.
 DEFAULT_OPEN_SET_FILE = Path(__file__).resolve().parent / "open_set.json"
+# Recognitions working downstream at once (router_service/admission.py): the model server's
+# throughput is flat beyond this many (docs/operations.md, "Admission").
+DEFAULT_MAX_ACTIVE = 8
 # An environment variable set to "" means "unset" (common.server.env): this word turns a stage off.
 NONE = "none"
 DEFAULT_EXTRA_MODELS = "global,global:audi,global:bmw,global:chevrolet,global:dodge,global:ford,global:hyundai"
@@ -65,6 +68,7 @@ class RouterSettings:
     model_cards_dir: Path | None
     health_interval_s: float
     batch_limit: int
+    max_active: int
     log_level: str
 
 
@@ -129,6 +133,10 @@ def parse_settings(argv: list[str] | None = None) -> RouterSettings:
                         help="how often downstream health is re-checked ($ROUTER_HEALTH_INTERVAL_S)")
     parser.add_argument("--batch-limit", type=int, default=int(env("ROUTER_BATCH_LIMIT", "64")),
                         help="most images in one RecognizeBatch call ($ROUTER_BATCH_LIMIT)")
+    parser.add_argument("--max-active", type=int, default=int(env("ROUTER_MAX_ACTIVE", str(DEFAULT_MAX_ACTIVE))),
+                        help="recognitions working downstream at once; the others queue, and one that cannot be "
+                             "answered within its deadline is refused with RESOURCE_EXHAUSTED; 0 = no gate "
+                             "($ROUTER_MAX_ACTIVE)")
     args = parser.parse_args(argv)
     if args.logo_uncertain_below is not None:
         uncertain_below, uncertain_source = float(args.logo_uncertain_below), "ROUTER_LOGO_UNCERTAIN_BELOW"
@@ -173,5 +181,6 @@ def parse_settings(argv: list[str] | None = None) -> RouterSettings:
         model_cards_dir=Path(args.model_cards_dir) if args.model_cards_dir else None,
         health_interval_s=args.health_interval_s,
         batch_limit=args.batch_limit,
+        max_active=args.max_active,
         log_level=args.log_level,
     )

@@ -89,16 +89,6 @@ def health_prober(address: str, recorder: Recorder, stop: threading.Event) -> No
         time.sleep(0.1)
 
 
-def rss_mb(service: ServiceProcess) -> float:
-    try:
-        for line in Path(f"/proc/{service.process.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
-    return 0.0
-
-
 def percentile(values: list[float], q: float) -> float:
     if not values:
         return 0.0
@@ -172,7 +162,7 @@ def run(clients: int, phase_s: float, log_dir: Path) -> dict:
                                                        env={"ROUTER_LOGO_POLICY": "always"}), free_port())
         for service in supervisor.services:
             service.wait_healthy()
-        memory["before"] = {s.name: rss_mb(s) for s in supervisor.services}
+        memory["before"] = {s.name: s.rss_mb() for s in supervisor.services}
         workers = [threading.Thread(target=caller, args=(router.address, photos, recorder, stop, i), daemon=True)
                    for i in range(clients)]
         workers.append(threading.Thread(target=health_prober, args=(router.address, recorder, stop), daemon=True))
@@ -214,7 +204,7 @@ def run(clients: int, phase_s: float, log_dir: Path) -> dict:
         phase("model server killed", kill("model_server", signal.SIGKILL), restarted)
         phase("router restarted", kill("router", signal.SIGTERM), restarted)
         phase("after", lambda: None)
-        memory["after"] = {s.name: rss_mb(s) for s in supervisor.services}
+        memory["after"] = {s.name: s.rss_mb() for s in supervisor.services}
     finally:
         stop.set()
         for worker in workers:
