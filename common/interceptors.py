@@ -3,9 +3,9 @@
 - the request id: from the caller's `x-request-id` metadata (a mesh sidecar
   sets it) or generated, set for the handler and echoed in the trailers;
 - the concurrency limit: calls beyond it get RESOURCE_EXHAUSTED at once and
-  are logged, with a retry hint (the `grpc-retry-pushback-ms` trailer). Health checks and reflection are exempt, so a busy service
-  still answers its orchestrator and is not restarted at its busiest; so are
-  the methods a service names as `unlimited` (the model server's
+  are logged, with a retry hint (the `grpc-retry-pushback-ms` trailer). Health checks
+  and reflection are exempt, so a busy service still answers its orchestrator and
+  is not restarted at its busiest; so are the methods a service names as `unlimited` (the model server's
   GetModelStatus, which the router's health follows), though they are logged;
 - errors: a typed error (common.errors) becomes its status, with its retry hint if it has
   one (the same trailer); anything else is

@@ -107,8 +107,6 @@ class AdmissionGate:
         started = time.perf_counter()
         try:
             yield
-        except ResourceExhausted:
-            raise
         except Exception as exc:
             ran_out = deadline is not None and time.perf_counter() >= deadline - RAN_OUT_S
             if ran_out and getattr(exc, "code", None) == grpc.StatusCode.DEADLINE_EXCEEDED and self.waiting:
