@@ -26,6 +26,9 @@ class CardSummary:
     top1: float | None = None
     make_top1: float | None = None
     ece: float | None = None
+    # For a brand signature: whether it answers with a head trained on the brand's photos alone
+    # (the card's brand_trained_signatures) or with the global answer restricted to the brand.
+    brand_trained: bool = False
 
 
 class ModelCards:
@@ -49,16 +52,22 @@ class ModelCards:
         size = card.get("input_size") or [0]
         scores = (card.get("evaluation") or {}).get("signatures", {}).get(signature) or {}
         architecture = card.get("architecture", "")
+        brand_trained = signature in ((card.get("brand_trained_signatures") or {}).get("signatures") or [])
         return CardSummary(architecture=architecture.split(";")[0].strip() if isinstance(architecture, str) else "",
                            input_size=int(size[0]) if isinstance(size, list) and size else 0,
                            photos=int(scores.get("photos", 0)), top1=scores.get("top1"),
-                           make_top1=scores.get("make_top1"), ece=scores.get("ece"))
+                           make_top1=scores.get("make_top1"), ece=scores.get("ece"), brand_trained=brand_trained)
 
 
-def standing(summary: CardSummary, default: CardSummary, is_default: bool) -> tuple[bool, str]:
+def standing(summary: CardSummary, default: CardSummary, is_default: bool, brand: str = "") -> tuple[bool, str]:
     """(placeholder?, a sentence) for a model next to the default global model."""
     if is_default:
         return False, "the default global model"
+    if brand:  # scored on its brand's photos only: not comparable with the default's figure over all makes
+        how = ("a head trained on this brand's photos alone" if summary.brand_trained
+               else "the model's global answer restricted to this brand")
+        scored = "" if summary.top1 is None else f"; test top-1 {summary.top1:.3f} on the brand's {summary.photos} photos"
+        return False, how + scored
     if summary.top1 is None or default.top1 is None:
         return False, "no test figures in its model card"
     if summary.top1 < PLACEHOLDER_BELOW * default.top1:

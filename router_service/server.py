@@ -82,12 +82,13 @@ class RecognitionServicer(pb_grpc.RecognitionServiceServicer):
             meta = model.meta  # one snapshot per model
             labels = meta.labels if meta else ()
             card = self.cards.summary(model.name, model.version, model.signature)
-            placeholder, note = standing(card, default_card, model is default)
+            brand = self.catalog.brand_of(model)
+            placeholder, note = standing(card, default_card, model is default, brand)
             listed = response.models.add(
                 name=model.name, version=meta.version if meta else 0, signature_name=model.signature,
                 input_key=meta.input_key if meta else "", probabilities_key=meta.probabilities_key if meta else "",
                 labels_key=meta.labels_key if meta else "", labels=[label.text for label in labels],
-                brand=self.catalog.brand_of(model), available=model.available,
+                brand=brand, available=model.available,
                 makes=sorted({label.make for label in labels if label.make}),
                 architecture=card.architecture, input_size=card.input_size, placeholder=placeholder, note=note,
                 task="classifier")

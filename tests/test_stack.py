@@ -106,6 +106,10 @@ def test_list_models_tells_a_classifier_from_a_placeholder(recognition):
     assert not resnet.placeholder and resnet.note.startswith("test top-1")
     for brand in ("audi", "bmw", "ford"):  # brand signatures of the default are classifiers
         assert not models[(GLOBAL, brand)].placeholder and models[(GLOBAL, brand)].test_scores.photos > 0
+    # which brand signatures earn their name (issue 23 §2): audi, bmw and ford answer with heads trained on
+    # the brand's photos; the others restrict the global answer, and the note says which
+    assert models[(GLOBAL, "audi")].note.startswith("a head trained on this brand's photos alone; test top-1")
+    assert models[(GLOBAL, "chevrolet")].note.startswith("the model's global answer restricted to this brand")
 
 
 BAD_INPUTS = {
