@@ -39,9 +39,10 @@ import cv2
 import numpy as np
 
 from common.plugins import DEFAULT_PLUGINS_DIR, BrandPlugin, load_plugins
-from logo_service.features import flann_index, logo_gray, sift_features, to_matching_space
-from logo_service.gallery import (ARTIFACT_FORMAT, DEFAULT_ARTIFACT_DIR, GALLERY_FILE, MANIFEST_FILE, Gallery,
-                                  load_artifact)
+from logo_service.features import flann_index, index_key, logo_gray, sift_features, to_matching_space
+from logo_service.gallery import (ARTIFACT_FORMAT, DEFAULT_ARTIFACT_DIR, GALLERY_FILE, INDEX_FILE, MANIFEST_FILE,
+                                  Gallery, load_artifact, saved_index)
+from logo_service.matcher import MatcherParams
 from dataset.split import Photo, data_dir, load_split
 
 logger = logging.getLogger("carrecog.logo.gallery")
@@ -232,6 +233,24 @@ def load_or_build(plugins_dir: Path = DEFAULT_PLUGINS_DIR, data_root: Path | Non
     return cached_gallery(plugins, train_photos(data_root), cache_dir, params, force)[0]
 
 
+def served_index_key() -> dict:
+    """The key of the index the service builds with its default matcher parameters."""
+    params = MatcherParams()
+    return index_key(params.flann_trees, params.flann_kmeans_branching)
+
+
+def write_index(gallery: Gallery, folder: Path) -> dict:
+    """The service's FLANN index, built exactly as LogoMatcher builds it, saved beside the gallery
+    (the manifest's "index" entry)."""
+    params = MatcherParams()
+    index = flann_index(to_matching_space(gallery.descriptors), params.flann_trees, params.flann_kmeans_branching)
+    tmp = folder / f"{INDEX_FILE}.{os.getpid()}.tmp"
+    index.save(str(tmp))
+    tmp.replace(folder / INDEX_FILE)
+    return {"file": INDEX_FILE, "fingerprint": gallery.fingerprint, "key": served_index_key(),
+            "bytes": (folder / INDEX_FILE).stat().st_size}
+
+
 def write_artifact(gallery: Gallery, folder: Path, command: str, calibration: Path = DEFAULT_CALIBRATION) -> Path:
     """The folder the service loads: gallery.npz plus manifest.json. Replaced whole, never half-written."""
     folder = Path(folder)
@@ -256,6 +275,7 @@ def write_artifact(gallery: Gallery, folder: Path, command: str, calibration: Pa
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}, "
                    f"opencv {cv2.__version__}",
         "calibration": gate,
+        "index": write_index(gallery, folder),
     }
     tmp = folder / f"{MANIFEST_FILE}.tmp"
     tmp.write_text(json.dumps(manifest, indent=1) + "\n")
@@ -282,8 +302,10 @@ def main(argv: list[str] | None = None) -> None:
     gallery = load_or_build(args.plugins_dir, args.data_dir, args.cache_dir, force=args.force)
     command = "python -m builders.logo_gallery " + " ".join(argv if argv is not None else sys.argv[1:])
     current = args.out / MANIFEST_FILE
-    if current.is_file() and json.loads(current.read_text()).get("fingerprint") == gallery.fingerprint:
-        print(f"{args.out} already holds gallery {gallery.fingerprint}")
+    manifest = json.loads(current.read_text()) if current.is_file() else {}
+    index = saved_index(args.out, gallery, manifest)
+    if manifest.get("fingerprint") == gallery.fingerprint and index and index.key == served_index_key():
+        print(f"{args.out} already holds gallery {gallery.fingerprint} and its index")
         return
     write_artifact(gallery, args.out, command)
     print(f"wrote {args.out}: gallery {gallery.fingerprint}, {len(gallery.exemplar_names)} exemplars, "

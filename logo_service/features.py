@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -107,7 +108,7 @@ def to_matching_space(descriptors: np.ndarray) -> np.ndarray:
     """
     d = descriptors.astype(np.float32)
     d /= np.maximum(d.sum(axis=1, keepdims=True), 1e-6)
-    return np.sqrt(d)
+    return np.sqrt(d, out=d)  # in place: the gallery's copy is 350 MB
 
 
 def flann_index(descriptors: np.ndarray, trees: int = 4, kmeans_branching: int = 0) -> cv2.flann_Index:
@@ -123,3 +124,20 @@ def flann_index(descriptors: np.ndarray, trees: int = 4, kmeans_branching: int =
     if kmeans_branching > 0:
         return cv2.flann_Index(descriptors, dict(algorithm=2, branching=kmeans_branching, iterations=5))
     return cv2.flann_Index(descriptors, dict(algorithm=1, trees=trees))
+
+
+def index_key(trees: int, kmeans_branching: int) -> dict:
+    """What a saved index was built with: it may only be loaded under the same key."""
+    return {"trees": trees, "kmeans_branching": kmeans_branching, "seed": FLANN_SEED, "opencv": cv2.__version__}
+
+
+def load_flann_index(descriptors: np.ndarray, path: Path) -> cv2.flann_Index | None:
+    """The index saved at `path` over these very descriptors, or None when it cannot be read.
+
+    FLANN saves the index's trees, not the data: loading takes the same descriptors, in the
+    same order, and about 0.4 s instead of the 4 s a build takes."""
+    index = cv2.flann_Index()
+    try:
+        return index if index.load(descriptors, str(path)) else None
+    except cv2.error:
+        return None

@@ -31,9 +31,10 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
-from logo_service.features import (MAX_SIDE, SIFT_CONTRAST, Features, decode_gray, flann_index, sift_features,
+from logo_service.features import (MAX_SIDE, SIFT_CONTRAST, Features, decode_gray, flann_index, index_key,
+                                   load_flann_index, sift_features,
                                    to_matching_space)
-from logo_service.gallery import Gallery
+from logo_service.gallery import Gallery, SavedIndex
 
 
 # The steps `MatchResult.steps_ms` times, in pipeline order.
@@ -121,15 +122,24 @@ class UndecodableImage(ValueError):
 class LogoMatcher:
     """Holds the gallery and its FLANN index; `match` may be called from several threads."""
 
-    def __init__(self, gallery: Gallery, params: MatcherParams = MatcherParams()) -> None:
+    def __init__(self, gallery: Gallery, params: MatcherParams = MatcherParams(),
+                 saved_index: SavedIndex | None = None) -> None:
         self.gallery = gallery
         self.params = params
         self._brand_of_kp = gallery.exemplar_brand[gallery.exemplar]
         self._xy = gallery.xy
         self._neg = gallery.neg_distance
-        # The index is built once; searching it does not modify it.
-        self._index = flann_index(to_matching_space(gallery.descriptors), params.flann_trees,
-                                  params.flann_kmeans_branching)
+        # FLANN searches these arrays in place: keep them alive as long as the index.
+        self._space = to_matching_space(gallery.descriptors)
+        # The index is built once (or loaded, when the artifact carries one built with the same
+        # parameters); searching it does not modify it.
+        self._index = None
+        self.index_loaded = False
+        if saved_index is not None and saved_index.key == index_key(params.flann_trees, params.flann_kmeans_branching):
+            self._index = load_flann_index(self._space, saved_index.path)
+            self.index_loaded = self._index is not None
+        if self._index is None:
+            self._index = flann_index(self._space, params.flann_trees, params.flann_kmeans_branching)
 
     def match(self, image_bytes: bytes) -> MatchResult:
         started = time.perf_counter()

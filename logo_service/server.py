@@ -20,7 +20,7 @@ from common.errors import InvalidArgument, Unavailable
 from common.images import InvalidImage, validate_image
 from common.logs import log_event
 from common.server import GrpcServer
-from logo_service.gallery import load_artifact
+from logo_service.gallery import load_artifact, saved_index
 from logo_service.matcher import Candidate, LogoMatcher, MatchResult, UndecodableImage
 from logo_service.settings import DEFAULT_CANDIDATES, LogoSettings
 
@@ -85,7 +85,9 @@ def load_matcher(settings: LogoSettings) -> LogoMatcher:
                   calibrated_on=settings.calibrated_on, hint="run `python -m builders.logo_calibrate`")
     log_event(logger, "gallery loaded", folder=str(settings.gallery_dir), fingerprint=gallery.fingerprint,
               built_at=manifest.get("built_at"), command=manifest.get("command"))
-    matcher = LogoMatcher(gallery)
+    matcher = LogoMatcher(gallery, saved_index=saved_index(settings.gallery_dir, gallery, manifest))
+    log_event(logger, "matcher index", loaded=matcher.index_loaded,
+              how="loaded from the artifact" if matcher.index_loaded else "built (the artifact has no matching index)")
     # First call pays for lazy allocations; do it before saying SERVING.
     noise = np.random.default_rng(0).integers(0, 255, (240, 320), dtype=np.uint8)
     ok, png = cv2.imencode(".png", noise)

@@ -16,10 +16,11 @@ import numpy as np
 import pytest
 
 from common.plugins import DEFAULT_PLUGINS_DIR, load_plugins
-from logo_service.gallery import Gallery
+from logo_service.features import index_key
+from logo_service.gallery import Gallery, saved_index
 from builders.logo_calibrate import DEFAULT_OUT as CALIBRATION
-from builders.logo_gallery import cached_gallery
-from logo_service.matcher import STEPS, LogoMatcher, UndecodableImage
+from builders.logo_gallery import cached_gallery, write_artifact
+from logo_service.matcher import STEPS, LogoMatcher, MatcherParams, UndecodableImage
 from dataset.split import Photo, data_dir, load_split
 
 # A test-split Chrysler photo whose grille emblem matches train photo 03784 (not a near-duplicate:
@@ -161,3 +162,25 @@ def test_match_records_time_per_step(matcher, photos):
     # a blank image stops after SIFT: nothing is searched
     blank = matcher.match(cv2.imencode(".png", np.full((120, 160), 128, np.uint8))[1].tobytes())
     assert blank.steps_ms["knn"] == 0.0 and blank.steps_ms["ransac"] == 0.0
+
+
+def test_the_artifacts_saved_index_answers_as_a_built_one_and_a_bad_one_is_rebuilt(gallery, matcher, photos,
+                                                                                  tmp_path):
+    """`make gallery` saves the matcher's FLANN index beside the gallery, so a starting logo service loads it
+    (0.4 s) instead of building it (4 s for the full gallery). Loaded, it must answer exactly as built."""
+    folder = write_artifact(gallery, tmp_path / "artifact", "test")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    saved = saved_index(folder, gallery, manifest)
+    assert saved is not None and saved.key == index_key(MatcherParams().flann_trees, 0)
+    loaded = LogoMatcher(gallery, saved_index=saved)
+    assert loaded.index_loaded
+    for image_id in (HIT_PHOTO, HIT_EXEMPLAR, MISS_PHOTO):
+        data = photos[image_id].path.read_bytes()
+        assert loaded.match(data).candidates == matcher.match(data).candidates, image_id
+    # an index built with other parameters, or an unreadable file, is never used: the matcher builds its own
+    assert not LogoMatcher(gallery, MatcherParams(flann_trees=2), saved_index=saved).index_loaded
+    saved.path.write_bytes(saved.path.read_bytes()[:4096])
+    rebuilt = LogoMatcher(gallery, saved_index=saved)
+    assert not rebuilt.index_loaded
+    data = photos[HIT_PHOTO].path.read_bytes()
+    assert rebuilt.match(data).candidates == matcher.match(data).candidates
