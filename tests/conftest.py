@@ -23,19 +23,26 @@ def stack_logs(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def model_server(stack_logs):
-    service = start_model_server(stack_logs)
-    service.wait_healthy()
-    yield service
-    service.stop()
+def launched(stack_logs):
+    """The session's model server and logo service, started side by side: each binds its port at once and
+    says SERVING when it has loaded, so neither waits for the other (the fixtures below wait for health)."""
+    models = start_model_server(stack_logs)
+    logo = start_logo_service(stack_logs)
+    yield models, logo
+    logo.stop()
+    models.stop()
 
 
 @pytest.fixture(scope="session")
-def logo_service(stack_logs):
-    service = start_logo_service(stack_logs)
-    service.wait_healthy()
-    yield service
-    service.stop()
+def model_server(launched):
+    launched[0].wait_healthy()
+    return launched[0]
+
+
+@pytest.fixture(scope="session")
+def logo_service(launched):
+    launched[1].wait_healthy()
+    return launched[1]
 
 
 # Tests that start a model server of their own and need only the default model: the others take
@@ -48,9 +55,12 @@ LOGO_ALWAYS = {"ROUTER_LOGO_POLICY": "always"}
 
 
 @pytest.fixture(scope="session")
-def router(stack_logs, model_server, logo_service):
-    service = start_router(model_server.address, logo_service.address, stack_logs, env=LOGO_ALWAYS)
-    service.wait_healthy()
+def router(stack_logs, launched):
+    """Started while the model server is still loading: it says SERVING once it has discovered the models."""
+    models, logo = launched
+    service = start_router(models.address, logo.address, stack_logs, env=LOGO_ALWAYS)
+    for started in (models, logo, service):
+        started.wait_healthy()
     yield service
     service.stop()
 
