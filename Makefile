@@ -9,7 +9,7 @@ STUBS := carrecog/v1/recognition_service_pb2.py
 PROTOS := $(wildcard protos/carrecog/v1/*.proto)
 IMAGES ?=
 
-.PHONY: venv train-venv protos gallery run test test-slow test-chaos saturate soak bench lint-protos evaluate train-lite train-lite-shipped train-resnet gpu-pack train-gpu gpu-import clean clients client-deps dev-venv run-mesh prometheus load
+.PHONY: venv train-venv protos gallery run test test-slow test-chaos saturate soak bench lint-protos evaluate train-lite train-lite-shipped gpu-pack train-gpu gpu-import clean clients client-deps dev-venv run-mesh prometheus load
 
 venv: $(STAMP)
 $(STAMP): requirements.txt
@@ -172,16 +172,6 @@ train-lite-shipped: $(TRAIN_STAMP)
 		--cutmix 0.5 --temperatures-from $(LITE_RUN)-cutmix --resume
 	$(PY) -m training.export_lite --run $(LITE_RUN)-c6 --run $(LITE_RUN)-cutmix-trainval \
 		--temperatures-from $(TWIN) --model-name efficientnet_lite0 --version $(VERSION)
-
-# The shipped ResNet50 (global + brand signatures), distilled from the Lite0 run above, on the
-# PyTorch backend (31 vs 13 images/s for TensorFlow here, scripts/bench_train_step.py): ~4 min per epoch at 64 px.
-# make train-resnet VERSION=2 [RESNET_EPOCHS=15]
-RESNET_RUN ?= runs/global-kd
-RESNET_EPOCHS ?= 15
-train-resnet: $(TRAIN_STAMP)
-	KERAS_BACKEND=torch $(PY) -m training.train --model global --size 64 --epochs $(RESNET_EPOCHS) --batch 64 \
-		--lr 2e-3 --warmup-epochs 1 --bn-momentum 0.9 --teacher $(LITE_RUN)/teacher.npz --out $(RESNET_RUN) --resume
-	$(PY) -m training.export --run $(RESNET_RUN) --model-name global --version $(VERSION) --brand-signatures
 
 # GPU jobs (DEVELOPERS.md "GPU training": the device call, what comes back, the import). One command each:
 #   make gpu-pack JOB=<job>     here: photos re-encoded + the teacher's log-probabilities (+ ImageNet trunks) in gpu/<job>

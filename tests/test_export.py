@@ -1,7 +1,7 @@
-"""The SavedModel export: TF Serving layout, the serving_default contract, and
-preprocessing identical to training, brand signatures. Trains a small ResNet50
-(32 px, 2 Acura + 2 Audi classes) for a few steps on real photos from
-../shared/data, exports it with the CLI."""
+"""The SavedModel export (`training.export.export_model`, what `make gpu-import` calls): TF Serving layout,
+the serving_default contract, preprocessing identical to training, brand signatures. Builds the ResNet50
+that the GPU import fills (32 px, 2 Acura + 2 Audi classes), trains it for a few steps on real photos
+from ../shared/data (so its temperature is fitted on something), and exports it."""
 from __future__ import annotations
 
 import base64
@@ -17,8 +17,8 @@ import tensorflow as tf
 from model_server.repository import load_servable
 from model_server.warmup import run_warmup
 from training import data, export
-from dataset.split import load_split
-from training.train import Config, build_model, compile_model, new_state, save_checkpoint
+from training.resnet_keras import ARCHITECTURE, build_model
+from dataset.split import load_split, split_hash
 
 SIZE = 32
 # A 16x16 gradient saved by Pillow as a CMYK (Adobe) JPEG: synthetic, not from the data set.
@@ -41,17 +41,15 @@ def exported(tmp_path_factory):
     classes = [c for c in every if c.make == "Acura"][:2] + [c for c in every if c.make == "Audi"][:2]
     ids = {c.class_id for c in classes}
     train = [p for p in photos if p.split == "train" and p.class_id in ids]
-    cfg = Config(model="global", size=SIZE, epochs=1, batch=16, out=str(tmp / "run"))
-    keras.utils.set_random_seed(cfg.seed)
-    model = build_model(cfg.arch, SIZE, len(classes))
-    compile_model(model, cfg, steps_per_epoch=3)
+    keras.utils.set_random_seed(0)
+    model = build_model(SIZE, len(classes))
+    model.compile(optimizer=keras.optimizers.Adam(2e-3), loss="categorical_crossentropy")
     model.run_eagerly = True  # 3 eager steps: ~4 s; tracing the train step would take ~25 s
-    model.fit(data.make_dataset(train, classes, SIZE, cfg.batch, training=True).take(3), verbose=0)
-    state = new_state(cfg, classes, photos)
-    state["epoch"] = 1
-    save_checkpoint(Path(cfg.out), model, state)
-    export.main(["--run", cfg.out, "--model-name", "tiny", "--version", "1", "--base", str(tmp / "models"),
-                 "--brand-signatures"])
+    model.fit(data.make_dataset(train, classes, SIZE, 16, training=True).take(3), verbose=0)
+    export.export_model(model, classes, SIZE, model_name="tiny", version=1, base=tmp / "models",
+                        brand_signatures=True, architecture=ARCHITECTURE,
+                        preprocessing={**data.PREPROCESSING, "size": SIZE}, scope="4 classes (a test)",
+                        trained_split_hash=split_hash(photos), training={"steps": 3}, command="tests/test_export.py")
     sample = [p for p in photos if p.split == "val" and p.class_id in ids][:8]
     version_dir = tmp / "models" / "tiny" / "1"
     return version_dir, tf.saved_model.load(str(version_dir)), model, classes, sample

@@ -34,7 +34,7 @@ from training.export import dir_bytes
 from training.export_lite import export_savedmodel
 from training.export_lite import measure as measure_from_bytes
 from dataset.split import load_split
-from training.train import machine
+from training.runinfo import machine
 from training.warmup import write_warmup_requests
 
 STAGING_BASE = Path("runs/brand_heads/serving")

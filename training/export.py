@@ -1,8 +1,9 @@
-"""Export a training run as a TensorFlow Serving SavedModel, with its model card.
+"""Export a trained Keras classifier (layers "trunk" + "head") as a TensorFlow Serving SavedModel,
+with its model card: `export_model`, which the GPU import (`training.resnet_keras import`,
+`training.lite_import`; `make gpu-import`) calls. The Lite ensembles reuse its signature machinery
+(`training.export_lite`).
 
-    python -m training.export --run runs/global --model-name global --version 2 --brand-signatures
-
-writes serving_models/<name>/<version>/
+writes <base>/<name>/<version>/
     saved_model.pb, variables/   weights stored as float16, cast to float32 in-graph
     assets/labels.txt            one "<make>|<model>|<year>" label per line, tracked by the SavedModel
     assets/labels_<slug>.txt     the same for each brand signature
@@ -19,18 +20,15 @@ the function used in training. A bad image fails the request with InvalidArgumen
 The head's logits are divided by a temperature fitted on the val photos (NLL),
 so a confidence of 0.8 means right about 80% of the time; the card records it.
 
---brand-signatures adds one signature per brand plugin (named by its slug, e.g.
+brand_signatures=True adds one signature per brand plugin (named by its slug, e.g.
 "audi") with the same contract over that brand's classes only: the softmax of
 the global logits restricted to them. Seven classifiers then share one trunk on
 disk and in memory; a plugin names {"name": "global", "signature": "audi"}.
 """
 from __future__ import annotations
 
-import argparse
 import platform
-import shlex
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -47,14 +45,8 @@ from training import data
 from training.image_guard import check_image_sizes
 from training.metrics import expected_calibration_error, fit_temperature
 from dataset.split import Photo, data_dir, load_split, split_hash
-from training.train import load_checkpoint, machine
+from training.runinfo import machine
 from training.warmup import write_warmup_requests
-
-ARCHITECTURE = {
-    "resnet50": "keras.applications.ResNet50(weights=None, include_top=False, pooling='avg') "
-    "+ Dense(C, softmax); trained from random init (no pretrained weights)",
-}
-
 
 def _float16(value: np.ndarray, name: str) -> tf.Variable:
     value = np.asarray(value).astype(np.float16)
@@ -316,42 +308,3 @@ def export_model(model: keras.Model, classes: list[data.ClassInfo], size: int, *
           f"{temperature:.3f}, variables {card['export']['variables_bytes'] / 1e6:.1f} MB, fp16 vs fp32 max prob "
           f"diff {metrics['float16_vs_float32']['max_abs_prob_diff']:.2e}")
     return export_dir, card
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", required=True, help="training run folder (ckpt.json + its epoch-<N>.keras)")
-    p.add_argument("--model-name", required=True, help="TF Serving model name, e.g. global or audi")
-    p.add_argument("--version", type=int, required=True)
-    p.add_argument("--base", default="serving_models", help="TF Serving model base folder")
-    p.add_argument("--brand-signatures", action="store_true",
-                   help="add a signature per brand plugin over that brand's classes (for the global model)")
-    p.add_argument("--force", action="store_true", help="replace an existing version folder")
-    args = p.parse_args(argv)
-
-    t0 = time.time()
-    model, state = load_checkpoint(Path(args.run))
-    classes = [data.ClassInfo(c["class_id"], c["make"], c["model"], c["year"]) for c in state["classes"]]
-    cfg = state["config"]
-    export_model(
-        model, classes, state["preprocessing"]["size"], model_name=args.model_name, version=args.version,
-        base=args.base, brand_signatures=args.brand_signatures, force=args.force,
-        architecture=ARCHITECTURE[cfg["arch"]], preprocessing=state["preprocessing"],
-        scope="all classes" if cfg["model"] == "global" else f"classes of brand plugin {cfg['model']!r}",
-        trained_split_hash=state["split_hash"],
-        training={
-            "command": state["command"],
-            "commands": state["commands"],
-            "config": cfg,
-            "epochs": state["epoch"],
-            "history": state["history"],
-            "train_seconds": round(state["train_seconds"], 1),
-            "machine": state["machine"],
-        },
-        command=shlex.join([Path(sys.executable).name, "-m", "training.export", *(argv or sys.argv[1:])]),
-        t0=t0,
-    )
-
-
-if __name__ == "__main__":
-    main()

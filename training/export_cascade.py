@@ -45,7 +45,7 @@ from training.export_lite import LiteServable, photos_of
 from training.lite_savedmodel import Ensemble, load_ensemble
 from training.metrics import expected_calibration_error
 from dataset.split import load_split
-from training.train import machine
+from training.runinfo import machine
 from training.warmup import write_warmup_requests
 
 

@@ -62,7 +62,7 @@ from training.export import (SignatureModule, dir_bytes, labels_asset_name, pred
                              topk_metrics)
 from training.metrics import fit_temperature
 from dataset.split import load_split, split_hash
-from training.train import machine
+from training.runinfo import machine
 from training.warmup import write_warmup_requests
 
 

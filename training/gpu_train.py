@@ -36,7 +36,6 @@ import argparse
 import io
 import json
 import math
-import os
 import shlex
 import sys
 import time
@@ -48,7 +47,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from training.lite_arch import VARIANTS
 from training.resnet_torch import (Stop, _atomic_write, build_model as build_resnet, color_jitter, distillation_loss,
                                    float16_state, lr_factor, machine, make_optimizer, random_erasing, read_weights,
                                    write_weights)

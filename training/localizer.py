@@ -26,7 +26,6 @@ import sys
 import time
 from pathlib import Path
 
-import cv2
 import keras
 import numpy as np
 import tensorflow as tf

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import platform
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -31,13 +30,12 @@ import numpy as np
 import tensorflow as tf
 
 from common.model_card import write_card
-from dataset.split import load_split, split_hash
 from training import data
 from training.export import dir_bytes
 from training.image_guard import check_image_sizes
 from training.localizer import (CAR_CLASSES, GRID, MAX_BOXES, SIZE, VARIANT, Trunk, build_head, cell_centres,
                                 choose, decode_cells, inputs_of)
-from training.train import machine
+from training.runinfo import machine
 from training.warmup import write_warmup_requests
 
 MODEL_NAME = "localizer"

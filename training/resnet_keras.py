@@ -71,7 +71,7 @@ def build_trunk(size: int) -> keras.Model:
 
 
 def build_model(size: int, num_classes: int) -> keras.Model:
-    """Layer "trunk" + Dense softmax "head", as training.train.build_model (what training.export reads)."""
+    """Layer "trunk" + Dense softmax "head" (what training.export reads)."""
     inputs = keras.Input((size, size, 3), name="image")
     outputs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name="head")(
         build_trunk(size)(inputs))

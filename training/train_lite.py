@@ -32,9 +32,7 @@ temperature from RUN, the same recipe trained on train only, instead of fitting
 it on photos the model has seen; its val figures are marked as training data.
 
 Everything lands in the run folder: `top.weights.h5`, `heads.npz` and `lite.json`
-(classes, config, history, val/test metrics, commands, timings, machine), and
-`teacher.npz`: the global logits of every train photo, soft targets for
-distilling into the ResNet50s (`training.train --teacher`).
+(classes, config, history, val/test metrics, commands, timings, machine).
 """
 from __future__ import annotations
 
@@ -56,7 +54,7 @@ from training.export import topk_metrics
 from training.lite_features import load as load_features
 from training.metrics import expected_calibration_error, fit_temperature
 from dataset.split import data_dir, load_split
-from training.train import machine, write_json
+from training.runinfo import machine, write_json
 
 
 def class_index(photos) -> tuple[list[data.ClassInfo], dict[int, int]]:
@@ -248,10 +246,6 @@ def main(argv: list[str] | None = None) -> None:
                          np.tile(np.array([index[c] for c in cls]), n_views))
     w, b = head.kernel.numpy(), head.bias.numpy()
     heads, report = {}, {}
-    # Soft targets for distilling into the ResNet50s (training.train --teacher): plain view of each train photo.
-    train_ids = load_features(run, "train")[1]
-    np.savez(out / "teacher.npz", image_ids=np.array(train_ids), class_ids=np.array([c.class_id for c in classes]),
-             logits=(splits["train"][0][: len(train_ids)] @ w + b).astype(np.float32))
 
     def restrict(split: str, members: list[int]) -> tuple[np.ndarray, np.ndarray]:
         """The split's pooled features of the photos of `members`' classes, labels renumbered 0..len-1."""
