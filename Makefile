@@ -127,8 +127,11 @@ bin/carrecog-go: clients/go/main.go $(PROTOS) | client-deps
 bin/carrecog-cpp: clients/cpp/main.cc $(PROTOS) | client-deps
 	rm -rf build/cpp && mkdir -p build/cpp bin
 	protoc -I protos --cpp_out=build/cpp --grpc_out=build/cpp --plugin=protoc-gen-grpc=$$(command -v grpc_cpp_plugin) $(PROTOS)
-	$(CXX) -std=c++17 -O2 -Ibuild/cpp -o $@ clients/cpp/main.cc build/cpp/carrecog/v1/*.pb.cc \
-		$$(pkg-config --cflags --libs grpc++ protobuf)
+	# one translation unit per core, -O1: a command-line client waits on the network, not on its code
+	# (16.7 s -> 8.6 s here, protoc included)
+	printf '%s\n' clients/cpp/main.cc build/cpp/carrecog/v1/*.pb.cc | xargs -P $$(nproc) -I{} sh -c \
+		'$(CXX) -std=c++17 -O1 -Ibuild/cpp $$(pkg-config --cflags grpc++ protobuf) -c {} -o build/cpp/$$(basename {}).o'
+	$(CXX) -o $@ build/cpp/*.o $$(pkg-config --libs grpc++ protobuf)
 
 # make evaluate [LABELS=<csv> IMAGES_ROOT=<dir>] [OUT=reports/report.json]; no LABELS = the shared test split,
 # then the framing table (FRAMING_PHOTOS test photos in larger frames, ~25 min for 300) and the open-set
