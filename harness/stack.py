@@ -137,6 +137,13 @@ def start_service(name: str, module: str, args: list[str], env: dict[str, str] |
     return ServiceProcess(name, process, int(port_file.read_text()), log_path, metrics_port)
 
 
+# Each merged batch runs its ops on one core, and batching_parameters.txt runs num_batch_threads (= the
+# cores) batches at once: 1.28x the router's throughput at 8 clients and 0.87x its p50 at 1 client against
+# TF's own thread choice, in two runs of `python -m scripts.bench_serving_settings` (docs/operations.md).
+# docker-compose.yml and deploy/k8s/tfserving.yaml pass the same flag to TF Serving.
+SERVING_THREADS = ("--tensorflow_intra_op_parallelism", "1")
+
+
 def start_model_server(log_dir: Path | None = None, port: int = 0, models: Path = SERVING_MODELS,
                        env: dict[str, str] | None = None, only: Sequence[str] = ()) -> ServiceProcess:
     """`only`: serve just these models of models.config (a test that restarts the model server and needs
@@ -148,6 +155,7 @@ def start_model_server(log_dir: Path | None = None, port: int = 0, models: Path 
         "--model_config_file", str(config),
         "--model_base_path_prefix_map", f"/models={models}",
         "--enable_batching", "--batching_parameters_file", str(models / "batching_parameters.txt"),
+        *SERVING_THREADS,
     ], env=env, log_dir=log_dir, port=port)
 
 
