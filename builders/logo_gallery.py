@@ -39,10 +39,10 @@ import cv2
 import numpy as np
 
 from common.plugins import DEFAULT_PLUGINS_DIR, BrandPlugin, load_plugins
-from logo_service.features import flann_index, index_key, logo_gray, sift_features, to_matching_space
+from logo_service.features import flann_index, logo_gray, sift_features, to_matching_space
 from logo_service.gallery import (ARTIFACT_FORMAT, DEFAULT_ARTIFACT_DIR, GALLERY_FILE, INDEX_FILE, MANIFEST_FILE,
                                   Gallery, load_artifact, saved_index)
-from logo_service.matcher import MatcherParams
+from logo_service.matcher import LogoMatcher, MatcherParams
 from dataset.split import Photo, data_dir, load_split
 
 logger = logging.getLogger("carrecog.logo.gallery")
@@ -233,21 +233,12 @@ def load_or_build(plugins_dir: Path = DEFAULT_PLUGINS_DIR, data_root: Path | Non
     return cached_gallery(plugins, train_photos(data_root), cache_dir, params, force)[0]
 
 
-def served_index_key() -> dict:
-    """The key of the index the service builds with its default matcher parameters."""
-    params = MatcherParams()
-    return index_key(params.flann_trees, params.flann_kmeans_branching)
-
-
 def write_index(gallery: Gallery, folder: Path) -> dict:
-    """The service's FLANN index, built exactly as LogoMatcher builds it, saved beside the gallery
+    """The service's FLANN index, built by the matcher it serves with, saved beside the gallery
     (the manifest's "index" entry)."""
-    params = MatcherParams()
-    index = flann_index(to_matching_space(gallery.descriptors), params.flann_trees, params.flann_kmeans_branching)
-    tmp = folder / f"{INDEX_FILE}.{os.getpid()}.tmp"
-    index.save(str(tmp))
-    tmp.replace(folder / INDEX_FILE)
-    return {"file": INDEX_FILE, "fingerprint": gallery.fingerprint, "key": served_index_key(),
+    matcher = LogoMatcher(gallery)
+    matcher.save_index(folder / INDEX_FILE)
+    return {"file": INDEX_FILE, "fingerprint": gallery.fingerprint, "key": matcher.params.index_key(),
             "bytes": (folder / INDEX_FILE).stat().st_size}
 
 
@@ -304,7 +295,7 @@ def main(argv: list[str] | None = None) -> None:
     current = args.out / MANIFEST_FILE
     manifest = json.loads(current.read_text()) if current.is_file() else {}
     index = saved_index(args.out, gallery, manifest)
-    if manifest.get("fingerprint") == gallery.fingerprint and index and index.key == served_index_key():
+    if manifest.get("fingerprint") == gallery.fingerprint and index and index.key == MatcherParams().index_key():
         print(f"{args.out} already holds gallery {gallery.fingerprint} and its index")
         return
     write_artifact(gallery, args.out, command)

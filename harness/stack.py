@@ -138,24 +138,28 @@ def start_service(name: str, module: str, args: list[str], env: dict[str, str] |
 
 
 # Each merged batch runs its ops on one core, and batching_parameters.txt runs num_batch_threads (= the
-# cores) batches at once: 1.28x the router's throughput at 8 clients and 0.87x its p50 at 1 client against
-# TF's own thread choice, in two runs of `python -m scripts.bench_serving_settings` (docs/operations.md).
-# docker-compose.yml and deploy/k8s/tfserving.yaml pass the same flag to TF Serving.
-SERVING_THREADS = ("--tensorflow_intra_op_parallelism", "1")
+# cores) batches at once: 1.23-1.26x the router's throughput at 8 clients and 0.88-0.92x its p50 at 1 client
+# against TF's own thread choice, in two runs of `python -m scripts.bench_serving_settings`
+# (docs/operations.md). docker-compose.yml and deploy/k8s/tfserving.yaml pass the same flag to TF Serving.
+INTRA_OP_THREADS = 1
 
 
 def start_model_server(log_dir: Path | None = None, port: int = 0, models: Path = SERVING_MODELS,
-                       env: dict[str, str] | None = None, only: Sequence[str] = ()) -> ServiceProcess:
+                       env: dict[str, str] | None = None, only: Sequence[str] = (),
+                       batching_parameters: Path | None = None, intra_op_threads: int = INTRA_OP_THREADS,
+                       inter_op_threads: int = 0) -> ServiceProcess:
     """`only`: serve just these models of models.config (a test that restarts the model server and needs
-    the default model only need not wait for the others to load)."""
+    the default model only need not wait for the others to load). `batching_parameters` (default: the
+    models' own file) and the thread counts (0 = TF's choice) are for measuring other settings."""
     config = models / "models.config"
     if only:
         config = subset_config(config, only, Path(log_dir or tempfile.mkdtemp(prefix="carrecog-")))
     return start_service("model_server", "model_server", [
         "--model_config_file", str(config),
         "--model_base_path_prefix_map", f"/models={models}",
-        "--enable_batching", "--batching_parameters_file", str(models / "batching_parameters.txt"),
-        *SERVING_THREADS,
+        "--enable_batching", "--batching_parameters_file", str(batching_parameters or models / "batching_parameters.txt"),
+        "--tensorflow_intra_op_parallelism", str(intra_op_threads),
+        "--tensorflow_inter_op_parallelism", str(inter_op_threads),
     ], env=env, log_dir=log_dir, port=port)
 
 

@@ -126,11 +126,6 @@ def flann_index(descriptors: np.ndarray, trees: int = 4, kmeans_branching: int =
     return cv2.flann_Index(descriptors, dict(algorithm=1, trees=trees))
 
 
-def index_key(trees: int, kmeans_branching: int) -> dict:
-    """What a saved index was built with: it may only be loaded under the same key."""
-    return {"trees": trees, "kmeans_branching": kmeans_branching, "seed": FLANN_SEED, "opencv": cv2.__version__}
-
-
 def load_flann_index(descriptors: np.ndarray, path: Path) -> cv2.flann_Index | None:
     """The index saved at `path` over these very descriptors, or None when it cannot be read.
 

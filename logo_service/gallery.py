@@ -88,7 +88,7 @@ def load_artifact(folder: Path) -> tuple[Gallery, dict]:
 
 @dataclass(frozen=True)
 class SavedIndex:
-    """A FLANN index saved beside the gallery, and what it was built with (features.index_key)."""
+    """A FLANN index saved beside the gallery, and what it was built with (MatcherParams.index_key)."""
     path: Path
     key: dict
 

@@ -25,15 +25,16 @@ STEPS); scripts/profile_logo.py aggregates them over val photos.
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import cv2
 import numpy as np
 
-from logo_service.features import (MAX_SIDE, SIFT_CONTRAST, Features, decode_gray, flann_index, index_key,
-                                   load_flann_index, sift_features,
-                                   to_matching_space)
+from logo_service.features import (FLANN_SEED, MAX_SIDE, SIFT_CONTRAST, Features, decode_gray, flann_index,
+                                   load_flann_index, sift_features, to_matching_space)
 from logo_service.gallery import Gallery, SavedIndex
 
 
@@ -74,6 +75,11 @@ class MatcherParams:
     sift_layers: int = 3  # query-side SIFT scales per octave (OpenCV's default 3)
     flann_trees: int = 4  # kd-forest size of the gallery index
     flann_kmeans_branching: int = 0  # > 0: a hierarchical k-means index instead of the kd-forest
+
+    def index_key(self) -> dict:
+        """What the gallery index is built with: a saved index is loaded only under the same key."""
+        return {"trees": self.flann_trees, "kmeans_branching": self.flann_kmeans_branching, "seed": FLANN_SEED,
+                "opencv": cv2.__version__}
 
 
 @dataclass(frozen=True)
@@ -134,12 +140,17 @@ class LogoMatcher:
         # The index is built once (or loaded, when the artifact carries one built with the same
         # parameters); searching it does not modify it.
         self._index = None
-        self.index_loaded = False
-        if saved_index is not None and saved_index.key == index_key(params.flann_trees, params.flann_kmeans_branching):
+        if saved_index is not None and saved_index.key == params.index_key():
             self._index = load_flann_index(self._space, saved_index.path)
-            self.index_loaded = self._index is not None
+        self.index_loaded = self._index is not None
         if self._index is None:
             self._index = flann_index(self._space, params.flann_trees, params.flann_kmeans_branching)
+
+    def save_index(self, path: Path) -> None:
+        """Save the gallery index (what `make gallery` ships beside the gallery); replaced whole."""
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        self._index.save(str(tmp))
+        tmp.replace(path)
 
     def match(self, image_bytes: bytes) -> MatchResult:
         started = time.perf_counter()

@@ -47,6 +47,11 @@ def default_versions() -> list[Path]:
                   key=lambda p: int(p.name))
 
 
+def test_photos(limit: int = 96) -> list[bytes]:
+    """The first `limit` test-split photos, as uploaded: what every benchmark here sends."""
+    return [p.path.read_bytes() for p in load_split() if p.split == "test"][:limit]
+
+
 def saved_model_alone(photos: list[bytes], requests: int, versions: list[Path]) -> dict:
     """Batch-1 p50 and batched throughput of each version, measured in turns (one round each, then
     again), so the versions see the same machine load; with the hardware's share each reaches."""
@@ -156,7 +161,7 @@ def load(address: str, photos: list[bytes], requests: int, clients: int, **optio
 
 
 def run(requests: int, log_dir: Path) -> dict:
-    photos = [p.path.read_bytes() for p in load_split() if p.split == "test"][:96]
+    photos = test_photos()
     services = []
     try:
         models = start_model_server(log_dir)

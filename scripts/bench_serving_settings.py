@@ -16,9 +16,8 @@ import tempfile
 from pathlib import Path
 
 from router_service.settings import DEFAULT_GLOBAL_MODEL
-from harness.stack import ROOT, SERVING_MODELS, start_router, start_service, subset_config
-from dataset.split import load_split
-from scripts.bench import load
+from harness.stack import ROOT, start_model_server, start_router
+from scripts.bench import load, test_photos
 
 CURRENT = {"num_batch_threads": 2, "batch_timeout_micros": 5000, "max_batch_size": 32, "intra_op": 0, "inter_op": 0}
 SETTINGS = {
@@ -47,12 +46,9 @@ def batching_file(setting: dict, folder: Path) -> Path:
 
 def measure(setting: dict, photos: list[bytes], requests: int, folder: Path) -> dict:
     folder.mkdir(parents=True)
-    config = subset_config(SERVING_MODELS / "models.config", [DEFAULT_GLOBAL_MODEL, "localizer"], folder)
-    models = start_service("model_server", "model_server", [
-        "--model_config_file", str(config), "--model_base_path_prefix_map", f"/models={SERVING_MODELS}",
-        "--enable_batching", "--batching_parameters_file", str(batching_file(setting, folder)),
-        "--tensorflow_intra_op_parallelism", str(setting["intra_op"]),
-        "--tensorflow_inter_op_parallelism", str(setting["inter_op"])], log_dir=folder)
+    models = start_model_server(folder, only=(DEFAULT_GLOBAL_MODEL, "localizer"),
+                                batching_parameters=batching_file(setting, folder),
+                                intra_op_threads=setting["intra_op"], inter_op_threads=setting["inter_op"])
     router = None
     try:
         router = start_router(models.address, "", folder)
@@ -71,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=96, help="calls at 1 client (x2 at 8)")
     parser.add_argument("--out", type=Path, default=ROOT / "reports" / "serving_settings.json")
     args = parser.parse_args(argv)
-    photos = [p.path.read_bytes() for p in load_split() if p.split == "test"][:96]
+    photos = test_photos()
     folder = Path(tempfile.mkdtemp(prefix="carrecog-settings-"))
     report = {}
     print(f"{'setting':52s} {'1 client req/s':>14s} {'p50 ms':>7s} {'8 clients req/s':>15s} {'p50 ms':>7s}")

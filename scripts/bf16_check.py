@@ -25,13 +25,13 @@ MODEL = "serving_models/efficientnet_lite0"
 def run(bf16: bool, photos: int, out: Path) -> dict:
     import tensorflow as tf
 
-    from dataset.split import load_split
+    from scripts.bench import test_photos
 
     if bf16:
         tf.config.optimizer.set_experimental_options({"auto_mixed_precision_onednn_bfloat16": True})
     latest = max((p for p in Path(MODEL).iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
     serve = tf.saved_model.load(str(latest)).signatures["serving_default"]
-    blobs = [p.path.read_bytes() for p in load_split() if p.split == "test"][:photos]
+    blobs = test_photos(photos)
     serve(image_bytes=tf.constant(blobs[:32]))  # build the graph for both shapes before timing
     serve(image_bytes=tf.constant(blobs[:1]))
     started, probabilities = time.perf_counter(), []

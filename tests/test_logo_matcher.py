@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 
 from common.plugins import DEFAULT_PLUGINS_DIR, load_plugins
-from logo_service.features import index_key
 from logo_service.gallery import Gallery, saved_index
 from builders.logo_calibrate import DEFAULT_OUT as CALIBRATION
 from builders.logo_gallery import cached_gallery, write_artifact
@@ -171,7 +170,7 @@ def test_the_artifacts_saved_index_answers_as_a_built_one_and_a_bad_one_is_rebui
     folder = write_artifact(gallery, tmp_path / "artifact", "test")
     manifest = json.loads((folder / "manifest.json").read_text())
     saved = saved_index(folder, gallery, manifest)
-    assert saved is not None and saved.key == index_key(MatcherParams().flann_trees, 0)
+    assert saved is not None and saved.key == MatcherParams().index_key()
     loaded = LogoMatcher(gallery, saved_index=saved)
     assert loaded.index_loaded
     for image_id in (HIT_PHOTO, HIT_EXEMPLAR, MISS_PHOTO):
