@@ -8,7 +8,9 @@ come from what the pipeline already computes, so it costs no extra model:
   first box, whichever is larger (router_service/open_set.py).
 - out of the catalogue: 1 - the classifier's probability of its answer, on the
   crop that was classified (the catalogue's own photos are confident; cars it
-  has never seen spread their probability).
+  has never seen spread their probability); the probability of the ensemble
+  member that never trained on val (held_out_member): val can calibrate only a
+  member that did not learn it.
 - which kind of unknown: the make's summed probability says whether the make
   is still known (VERDICT_UNKNOWN_MODEL) or not (VERDICT_UNKNOWN_CAR).
 
@@ -35,14 +37,15 @@ import numpy as np
 import tensorflow as tf
 
 from builders.logo_policy import latest_version
+from common.model_card import read_card
 from dataset.composites import background_paths, encode_jpeg, frame_around, in_half, read_bgr
 from dataset.split import data_dir, load_split
-from router_service.localizer import WHOLE, covers_photo, crop_encoded, with_margin
+from router_service.localizer import covers_photo, crop_encoded, with_margin
 from router_service.open_set import not_a_car_score
 from router_service.settings import (DEFAULT_CROP_MARGIN, DEFAULT_GLOBAL_MODEL, DEFAULT_LOCALIZER_MODEL,
                                      DEFAULT_OPEN_SET_FILE, DEFAULT_WHOLE_PHOTO_SHARE)
 from router_service.routing import choose_answer
-from router_service.tf_serving import Label, Prediction, make_index
+from router_service.tf_serving import MEMBER_CONFIDENCES, Label, Prediction, make_index
 
 FRAMED_COVERS = (0.30, 0.60)  # the car's share of the width in the framed in-catalogue photos
 SEED = 0
@@ -91,6 +94,20 @@ class ServedPipeline:
     def __init__(self, localizer: str = DEFAULT_LOCALIZER_MODEL, classifier: str = DEFAULT_GLOBAL_MODEL) -> None:
         self.localize = tf.saved_model.load(str(latest_version(localizer))).signatures["serving_default"]
         self.classify = tf.saved_model.load(str(latest_version(classifier))).signatures["serving_default"]
+        self.score_member = held_out_member(read_card(latest_version(classifier)))
+
+    def frame(self, images: list[bytes]) -> tuple[dict, list[bytes | None]]:
+        """The localiser's outputs for a batch, and per photo the crop the router would classify (None: the
+        photo as sent, when no car was found or its box with the margin covers the photo)."""
+        found = self.localize(image_bytes=tf.constant(images))
+        crops = []
+        for i, image in enumerate(images):
+            if not int(found["car_count"][i]):
+                crops.append(None)
+                continue
+            padded = with_margin(tuple(float(v) for v in found["boxes"][i][0]), DEFAULT_CROP_MARGIN)
+            crops.append(None if covers_photo(padded, DEFAULT_WHOLE_PHOTO_SHARE) else crop_encoded(image, padded))
+        return found, crops
 
     def __call__(self, images: list[bytes], batch: int = 16) -> list[dict]:
         """Per photo: the localiser's cars_found, box_score and car_probability, and the classifier's
@@ -98,15 +115,11 @@ class ServedPipeline:
         records = []
         for start in range(0, len(images), batch):
             chunk = images[start:start + batch]
-            found = self.localize(image_bytes=tf.constant(chunk))
+            found, cropped_or_none = self.frame(chunk)
             crops = []
-            for i, image in enumerate(chunk):
+            for i, (image, crop) in enumerate(zip(chunk, cropped_or_none)):
                 count = int(found["car_count"][i])
                 score = float(found["scores"][i][0]) if count else 0.0
-                box = tuple(float(v) for v in found["boxes"][i][0]) if count else WHOLE
-                padded = with_margin(box, DEFAULT_CROP_MARGIN)
-                crop = None if not count or covers_photo(padded, DEFAULT_WHOLE_PHOTO_SHARE) else \
-                    crop_encoded(image, padded)
                 crops.append(crop or image)
                 records.append({"cars_found": count, "box_score": score,
                                 "car_probability": float(found["car_probability"][i]),
@@ -121,13 +134,24 @@ class ServedPipeline:
             if start == 0:
                 labels = tuple(Label.parse(x.decode()) for x in out["labels"].numpy()[0])
                 make_of_class = make_index(list(labels))
-            for record, probabilities in zip(records[start:], out["probabilities"].numpy()):
+            members = out[MEMBER_CONFIDENCES].numpy() if MEMBER_CONFIDENCES in out else [None] * len(chunk)
+            for record, probabilities, member in zip(records[start:], out["probabilities"].numpy(), members):
                 best, make_confidence = choose_answer(Prediction(probabilities, labels, 0, "serving_default",
                                                                  make_of_class))
-                record.update(confidence=float(probabilities[best]), make=labels[best].make,
-                              make_confidence=make_confidence)
+                confidence = float(probabilities[best])
+                record.update(confidence=confidence, make=labels[best].make, make_confidence=make_confidence,
+                              unknown_confidence=confidence if member is None or self.score_member is None
+                              else float(member[self.score_member]))
             print(f"  {min(start + batch, len(images))}/{len(images)}", end="\r", file=sys.stderr, flush=True)
         return records
+
+
+def held_out_member(card: dict) -> int | None:
+    """The first ensemble member that did not train on val (its training command has no --with-val), whose
+    confidence on val is as sure as on unseen photos; None for a single model or when every member saw val."""
+    members = card.get("training", {}).get("members", [])
+    held_out = [i for i, m in enumerate(members) if not any("--with-val" in c for c in m["commands"])]
+    return held_out[0] if len(members) > 1 and held_out else None
 
 
 def car_evidence(record: dict) -> float:
@@ -165,11 +189,11 @@ def fit(scored: dict[str, list[dict]]) -> dict:
     cars = float(np.quantile([car_evidence(r) for r in catalogue], IN_CATALOGUE_NOT_A_CAR))
     not_cars = float(np.quantile([car_evidence(r) for r in scored["not_car"]], 0.98))
     not_a_car = 1.0 - (cars + not_cars) / 2
-    unknown = float(np.quantile([1.0 - r["confidence"] for r in catalogue], 1.0 - IN_CATALOGUE_UNKNOWN))
+    unknown = float(np.quantile([1.0 - r["unknown_confidence"] for r in catalogue], 1.0 - IN_CATALOGUE_UNKNOWN))
     # Of the unknown cars so flagged, the make is named (VERDICT_UNKNOWN_MODEL) above the lowest make
     # confidence at which the named make is right on UNKNOWN_MODEL_PRECISION of them.
     flagged = [r for r in scored["unknown_car"]
-               if 1.0 - car_evidence(r) < not_a_car and 1.0 - r["confidence"] >= unknown]
+               if 1.0 - car_evidence(r) < not_a_car and 1.0 - r["unknown_confidence"] >= unknown]
     known_make = 1.01  # never, unless some make confidence earns it
     for candidate in sorted({r["make_confidence"] for r in flagged}):
         named = [r for r in flagged if r["make_confidence"] >= candidate]
@@ -194,7 +218,7 @@ def verdict_of(record: dict, thresholds: dict) -> str:
     """router_service.open_set.decide on a scored record (without the logo stage)."""
     if 1.0 - car_evidence(record) >= thresholds["not_a_car_threshold"]:
         return "not_a_car"
-    if 1.0 - record["confidence"] < thresholds["unknown_threshold"]:
+    if 1.0 - record["unknown_confidence"] < thresholds["unknown_threshold"]:
         return "recognized"
     return "unknown_model" if record["make_confidence"] >= thresholds["known_make_threshold"] else "unknown_car"
 
@@ -209,11 +233,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.refit:
         scored = json.loads(args.scores.read_text())
     else:
-        scored = collect(ServedPipeline(), "fit")
+        pipeline = ServedPipeline()
+        scored = {"score_member": pipeline.score_member, **collect(pipeline, "fit")}
         if args.scores:
             args.scores.write_text(json.dumps(scored))
+    score_member = scored.pop("score_member")
     thresholds = fit(scored)
-    fitted = thresholds | {
+    fitted = thresholds | {"score_member": score_member} | {
         "fitted_on": f"val ({len(scored['catalogue crops'])} crops, the same framed 30-60 %) and the fit half of "
                      "open_set_dev, by python -m builders.open_set",
         "bounds": {"catalogue_not_a_car": IN_CATALOGUE_NOT_A_CAR, "catalogue_unknown": IN_CATALOGUE_UNKNOWN,

@@ -94,8 +94,10 @@ class ModelCatalog:
             meta = meta.with_labels(reply.labels or meta.labels, reply.version)
             model.meta = meta
             log_event(logger, "model version changed", model=model.name, version=meta.version)
+        members = reply.member_confidences if reply.member_confidences is not None else [None] * len(reply.probabilities)
         return [Prediction(probabilities=row, labels=meta.labels, version=meta.version, signature=model.signature,
-                           make_of_class=meta.make_of_class) for row in reply.probabilities]
+                           make_of_class=meta.make_of_class, member_confidences=member)
+                for row, member in zip(reply.probabilities, members)]
 
     def mark_unavailable(self, model: ModelInfo, error: str) -> None:
         """A call found the model gone (NOT_FOUND / FAILED_PRECONDITION): route around it until rediscovered."""

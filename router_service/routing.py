@@ -23,7 +23,7 @@ from router_service.admission import DEADLINE_MARGIN_S, AdmissionGate
 from router_service.breaker import CircuitBreaker
 from router_service.catalog import ModelCatalog, ModelNotReady
 from router_service.localizer import WHOLE, Localizer, box_problem, covers_photo, crop_encoded, with_margin
-from router_service.open_set import OpenSetPolicy, decide, doubts
+from router_service.open_set import OpenSetPolicy, decide, doubts, unknown_confidence
 from router_service.settings import ALWAYS
 from router_service.tf_serving import ModelInfo, Prediction
 
@@ -146,8 +146,9 @@ class Recognizer:
             else:
                 best, make_confidence = choose_answer(unrestricted)
                 confidence = float(unrestricted.probabilities[best])
+            confidence, confidence_name = unknown_confidence(self.settings.open_set, unrestricted, confidence)
             localised = response.framing in (pb.FRAMING_CROPPED, pb.FRAMING_ALREADY_TIGHT, pb.FRAMING_NO_CAR_FOUND)
-            verdict = decide(self.settings.open_set, response, localised, confidence, make_confidence)
+            verdict = decide(self.settings.open_set, response, localised, confidence, make_confidence, confidence_name)
             response.route_detail += f"; verdict: {verdict}{crop_detail}"
         response.timings.add(stage="total", ms=_ms_since(started))
         return response
@@ -277,7 +278,7 @@ class Recognizer:
             prediction = await self._predict_global(image, response, deadline)
             best, make_confidence = choose_answer(prediction)
             if make_confidence >= self.settings.uncertain_below:
-                if not doubts(self.settings.open_set, float(prediction.probabilities[best])):
+                if not doubts(self.settings.open_set, prediction, float(prediction.probabilities[best])):
                     response.route = pb.ROUTE_GLOBAL_MODEL
                     response.route_detail = (f"logo stage skipped: the global model is sure of the make "
                                              f"({make_confidence:.3f} >= {self.settings.uncertain_below:.3f}) "

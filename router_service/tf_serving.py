@@ -43,6 +43,11 @@ class Label:
         return cls(text=raw, make="", model=raw, year=0)  # a model with plain labels still works
 
 
+# An ensemble's serving_default may also serve each member's top probability ([batch, members], written by
+# training/export_lite.py): the open-set verdict reads the member that never trained on val.
+MEMBER_CONFIDENCES = "member_confidences"
+
+
 @dataclass(frozen=True, eq=False)
 class ModelMeta:
     """What one discovery learned about a served model. Immutable: a newer one replaces it whole,
@@ -52,6 +57,7 @@ class ModelMeta:
     input_key: str
     probabilities_key: str
     labels_key: str
+    member_confidences_key: str | None = None  # an ensemble's per-member confidences, when it serves them
     labels: tuple[Label, ...] = ()
     make_of_class: np.ndarray = field(default_factory=lambda: np.zeros(0, int))  # see make_index
 
@@ -89,6 +95,7 @@ class Prediction:
     version: int
     signature: str
     make_of_class: np.ndarray  # [C] the index of each class's make, see make_index
+    member_confidences: np.ndarray | None = None  # [M] each ensemble member's top probability, when served
 
 
 def make_index(labels: list[Label]) -> np.ndarray:
@@ -115,13 +122,15 @@ def read_signature(response: get_model_metadata_pb2.GetModelMetadataResponse, na
     if len(signature.inputs) != 1 or not strings_in:
         raise ModelSignatureError(f"model {name!r}: signature {signature_name!r} must take one "
                                   f"DT_STRING input of encoded images, it takes {sorted(signature.inputs)}")
-    floats = [k for k, v in signature.outputs.items() if v.dtype == types_pb2.DT_FLOAT and _rank(v) == 2]
+    floats = [k for k, v in signature.outputs.items() if v.dtype == types_pb2.DT_FLOAT and _rank(v) == 2
+              and k != MEMBER_CONFIDENCES]
     strings = [k for k, v in signature.outputs.items() if v.dtype == types_pb2.DT_STRING]
     if len(floats) != 1 or len(strings) != 1:
         raise ModelSignatureError(f"model {name!r}: expected one [batch, classes] float output and one "
                                   f"string labels output, got {sorted(signature.outputs)}")
     return ModelMeta(version=response.model_spec.version.value, input_key=strings_in[0],
-                     probabilities_key=floats[0], labels_key=strings[0])
+                     probabilities_key=floats[0], labels_key=strings[0],
+                     member_confidences_key=MEMBER_CONFIDENCES if MEMBER_CONFIDENCES in signature.outputs else None)
 
 
 def warmup_image() -> bytes:
@@ -136,6 +145,7 @@ class PredictReply:
     probabilities: np.ndarray  # [N, C]
     version: int
     labels: tuple[Label, ...] | None  # only when asked for
+    member_confidences: np.ndarray | None = None  # [N, M], when the model serves them
 
 
 class TfServingClient:
@@ -159,13 +169,15 @@ class TfServingClient:
     async def predict(self, name: str, signature: str, meta: ModelMeta, images: list[bytes],
                       timeout: float | None, with_labels: bool = False) -> PredictReply:
         """Probabilities for each encoded image, in order (and the labels when asked)."""
-        wanted = [meta.probabilities_key] + ([meta.labels_key] if with_labels else [])
+        wanted = [meta.probabilities_key] + ([meta.labels_key] if with_labels else []) + \
+            ([meta.member_confidences_key] if meta.member_confidences_key else [])
         outputs, version = await self.predict_outputs(name, signature, meta.input_key, images, wanted, timeout)
         labels = None
         if with_labels and meta.labels_key in outputs:
             first_row = outputs[meta.labels_key][0]
             labels = tuple(Label.parse(x.decode() if isinstance(x, bytes) else str(x)) for x in first_row)
-        return PredictReply(probabilities=outputs[meta.probabilities_key], version=version, labels=labels)
+        return PredictReply(probabilities=outputs[meta.probabilities_key], version=version, labels=labels,
+                            member_confidences=outputs.get(meta.member_confidences_key or ""))
 
     async def predict_outputs(self, name: str, signature: str, input_key: str, images: list[bytes],
                               outputs: list[str], timeout: float | None) -> tuple[dict[str, np.ndarray], int]:

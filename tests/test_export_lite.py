@@ -19,7 +19,8 @@ from common.model_card import write_card
 from common.plugins import DEFAULT_PLUGINS_DIR, load_plugins
 from training import data
 from training.efficientnet_lite import build_parts, block_list
-from training.export_lite import bridge, choose_temperatures, copy_weights_by_name, export_savedmodel
+from training.export_lite import (MEMBER_CONFIDENCES, bridge, choose_temperatures, copy_weights_by_name,
+                                  export_savedmodel)
 from dataset.split import data_dir, load_split, split_hash
 
 SIZE = 64
@@ -101,6 +102,10 @@ def test_in_graph_preprocessing_matches_training(exported):
         expected = tf.nn.softmax(np.log(mean_of_its_classes) / TEMPERATURES[name]).numpy()
         assert np.abs(served["probabilities"].numpy() - expected).max() < 1e-4
         assert served["labels"].numpy()[0].astype(str).tolist() == heads[0][name]["labels"]
+        assert (MEMBER_CONFIDENCES in served) == (name == "serving_default")
+    # each member's own top probability, for the open-set verdict (router_service/open_set.py)
+    served_members = loaded.signatures["serving_default"](image_bytes=tf.constant(blobs))[MEMBER_CONFIDENCES]
+    assert np.abs(served_members.numpy() - np.stack([m.max(1) for m in members], 1)).max() < 1e-5
     served_audi = loaded.signatures["audi"](image_bytes=tf.constant(blobs))["probabilities"].numpy()
     served_global = loaded.signatures["serving_default"](image_bytes=tf.constant(blobs))["probabilities"].numpy()
     assert (served_audi.argmax(1) == served_global[:, AUDI].argmax(1)).all()  # never worse than global restricted
@@ -147,6 +152,7 @@ def test_empty_batch_and_bad_bytes(exported):
     _, loaded, *_ = exported
     empty = loaded.signatures["audi"](image_bytes=tf.constant([], tf.string))
     assert empty["probabilities"].shape == (0, 2)
+    assert loaded.signatures["serving_default"](image_bytes=tf.constant([], tf.string))[MEMBER_CONFIDENCES].shape == (0, 2)
     with pytest.raises(tf.errors.InvalidArgumentError):
         loaded.signatures["serving_default"](image_bytes=tf.constant([b"not an image"]))
 

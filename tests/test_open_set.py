@@ -13,9 +13,13 @@ import grpc
 import numpy as np
 import pytest
 
-from builders.open_set import dev_photos, framed_catalogue
+from builders.logo_policy import latest_version
+from builders.open_set import dev_photos, framed_catalogue, held_out_member
 from carrecog.v1 import recognition_service_pb2 as pb
-from router_service.settings import DEFAULT_OPEN_SET_FILE
+from common.model_card import read_card
+from router_service.open_set import OpenSetPolicy, decide, unknown_confidence
+from router_service.settings import DEFAULT_GLOBAL_MODEL, DEFAULT_OPEN_SET_FILE
+from router_service.tf_serving import Prediction
 from tests.test_faults import stub_for
 from tests.test_stack import recognize
 
@@ -43,14 +47,14 @@ def test_catalogue_photos_are_recognised_as_crops_and_in_wider_photos(recognitio
     """The verdict must not key on framing: the same cars covering 30-60 % of a larger photo keep it.
 
     Issue 22 asks that at most 2 % of crops and 5 % of framed photos lose VERDICT_RECOGNIZED; on the
-    whole test split they lose 7.5 % and 17.6 % (`make evaluate`, docs/models.md). This guards the
-    level reached on these 24: 21 crops and 20 framed photos recognised when written."""
+    whole test split they lose 1.3 % and 6.9 % (`make evaluate`, docs/models.md). This guards the
+    level reached on these 24: 23 crops and 22 framed photos recognised when written."""
     photos = sorted(test_photos, key=lambda p: p.image_id)[:24]
     crops = batch(recognition, [p.path.read_bytes() for p in photos])
     framed = batch(recognition, framed_catalogue(photos, "eval"))
     assert pb.VERDICT_NOT_A_CAR not in [r.verdict for r in crops]
-    assert [r.verdict for r in crops].count(pb.VERDICT_RECOGNIZED) >= 20, [r.route_detail for r in crops]
-    assert [r.verdict for r in framed].count(pb.VERDICT_RECOGNIZED) >= 18, [r.route_detail for r in framed]
+    assert [r.verdict for r in crops].count(pb.VERDICT_RECOGNIZED) >= 22, [r.route_detail for r in crops]
+    assert [r.verdict for r in framed].count(pb.VERDICT_RECOGNIZED) >= 21, [r.route_detail for r in framed]
     for reply in framed:  # the crop was shown to the localiser too, beside the classifier
         assert reply.framing == pb.FRAMING_CROPPED, reply.route_detail
         assert "localize:crop" in {t.stage for t in reply.timings}
@@ -82,7 +86,7 @@ def test_cars_outside_the_catalogue_are_mostly_unknown_and_never_not_a_car(recog
     replies = batch(recognition, cars)
     verdicts = [r.verdict for r in replies]
     assert pb.VERDICT_NOT_A_CAR not in verdicts
-    assert sum(v in UNKNOWN for v in verdicts) >= 8, [r.route_detail for r in replies]  # 9 of 20 when written
+    assert sum(v in UNKNOWN for v in verdicts) >= 4, [r.route_detail for r in replies]  # 5 of 20 when written
     flagged = next(r for r in replies if r.verdict in UNKNOWN)
     assert "the catalogue lacks" in flagged.route_detail and flagged.verdict_score >= flagged.verdict_threshold
 
@@ -137,3 +141,23 @@ def test_without_a_policy_there_is_no_verdict_and_a_broken_one_stops_the_router(
     broken.write_text("{}")
     with pytest.raises(RuntimeError, match="no fitted verdict thresholds"):  # exits at start, saying why
         make_router(logo_service.address, env={"ROUTER_OPEN_SET_FILE": str(broken)})
+
+
+def test_the_unknown_score_reads_the_member_that_never_saw_val(tmp_path):
+    """builders.open_set fits the unknown threshold on val, so the score must come from a member that did
+    not train on val (the default ensemble's member 0); a model without member confidences falls back to
+    its answer's confidence."""
+    card = read_card(latest_version(DEFAULT_GLOBAL_MODEL))
+    assert held_out_member(card) == FITTED["score_member"] == 0
+    assert "--with-val" not in " ".join(card["training"]["members"][0]["commands"])
+    policy = OpenSetPolicy.load(DEFAULT_OPEN_SET_FILE)
+    assert "member 0's confidence" in policy.source
+    sure_ensemble = Prediction(np.array([0.97, 0.03]), [], 1, "serving_default", np.array([0, 1]),
+                               member_confidences=np.array([0.2, 0.99]))
+    confidence, name = unknown_confidence(policy, sure_ensemble, 0.97)
+    assert (confidence, name) == (0.2, "member 0's confidence")
+    response = pb.RecognizeResponse(confidence=0.97, make="Audi")
+    detail = decide(policy, response, False, confidence, 0.0, name)
+    assert response.verdict == pb.VERDICT_UNKNOWN_CAR and "member 0's confidence 0.200" in detail
+    plain = Prediction(np.array([0.97, 0.03]), [], 1, "serving_default", np.array([0, 1]))
+    assert unknown_confidence(policy, plain, 0.97) == (0.97, "confidence")

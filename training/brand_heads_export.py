@@ -1,7 +1,7 @@
 """Export the served ensemble again, its winning brand signatures answered by heads trained on the brand's photos.
 
     python -m training.brand_heads cache                   # once: the features (training/brand_heads.py)
-    python -m training.brand_heads_export --version 11     # -> runs/brand_heads/serving/efficientnet_lite0/11
+    python -m training.brand_heads_export --version 12     # -> runs/brand_heads/serving/efficientnet_lite0/12
 
 training.brand_heads measures, for every brand plugin, a logistic regression trained on the brand's
 photos against the served answer (the global one restricted to the brand), and names the brands that
@@ -31,7 +31,7 @@ from pathlib import Path
 from common.model_card import write_card
 from training.brand_heads import DECISION_RULE, SERVED, measure, rebuild
 from training.export import dir_bytes
-from training.export_lite import export_savedmodel
+from training.export_lite import MEMBER_CONFIDENCES, MEMBER_CONFIDENCES_CARD, export_savedmodel
 from training.export_lite import measure as measure_from_bytes
 from dataset.split import load_split
 from training.runinfo import machine
@@ -83,6 +83,7 @@ def new_card(card: dict, version: int, report: dict, winners: list[str], tempera
         "trained on the brand's photos (training/brand_heads.py)")
     card["parameters"] += sum(member[w]["kernel"].size + member[w]["bias"].size for member in heads for w in winners)
     by_slug = {r["plugin"]: r for r in report["makes"].values() if r["plugin"]}
+    card["signatures"]["serving_default"]["outputs"][MEMBER_CONFIDENCES] = MEMBER_CONFIDENCES_CARD
     for name, signature in card["signatures"].items():
         signature["metrics"]["savedmodel"] = served[name]
         if name in winners:

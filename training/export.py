@@ -131,16 +131,25 @@ def labels_asset_name(signature: str) -> str:
     return "labels.txt" if signature == "serving_default" else f"labels_{signature}.txt"
 
 
-def signature_outputs(image_bytes: tf.Tensor, labels: list[str], classify) -> dict[str, tf.Tensor]:
+def signature_outputs(image_bytes: tf.Tensor, labels: list[str], classify,
+                      extra_widths: dict[str, int] | None = None) -> dict[str, tf.Tensor]:
     """The serving contract's outputs: `classify()`'s [N, C] probabilities and the labels row per image.
 
-    An empty batch answers an empty [0, C] without calling `classify` (the
-    convolutions reject batch 0 on CPU).
+    With `extra_widths` ({output name: width}), `classify()` returns (probabilities, {name: [N, width]})
+    and those outputs are served beside them. An empty batch answers empty [0, C] (and [0, width])
+    without calling `classify` (the convolutions reject batch 0 on CPU).
     """
     n, c = tf.shape(image_bytes)[0], len(labels)
-    probabilities = tf.cond(n > 0, classify, lambda: tf.zeros([0, c], tf.float32))
+    widths = {"probabilities": c, **(extra_widths or {})}
+
+    def computed() -> dict[str, tf.Tensor]:
+        answer = classify()
+        probabilities, extra = answer if extra_widths else (answer, {})
+        return {"probabilities": probabilities, **extra}
+
+    outputs = tf.cond(n > 0, computed, lambda: {name: tf.zeros([0, w], tf.float32) for name, w in widths.items()})
     label_rows = tf.ensure_shape(tf.broadcast_to(tf.constant(labels)[tf.newaxis, :], [n, c]), [None, c])
-    return {"probabilities": tf.ensure_shape(probabilities, [None, c]), "labels": label_rows}
+    return {name: tf.ensure_shape(outputs[name], [None, w]) for name, w in widths.items()} | {"labels": label_rows}
 
 
 def dir_bytes(path: Path) -> int:

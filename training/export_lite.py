@@ -9,7 +9,8 @@ writes serving_models/<name>/<version>/
     assets.extra/tf_serving_warmup_requests   one warm-up Predict per signature (training/warmup.py)
 
 Signatures (all take and return what the router expects, see training/export.py):
-    serving_default   the 196-class global classifier
+    serving_default   the 196-class global classifier (an ensemble's also returns member_confidences,
+                      each member's own top probability, [N, members], for the open-set verdict)
     <brand slug>      that brand plugin's classes only (e.g. "audi"); a plugin
                       names {"name": "<model name>", "signature": "<slug>"}
 Each runs decode/resize/normalise in-graph (`training.data.preprocess`), the
@@ -66,6 +67,10 @@ from training.runinfo import machine
 from training.warmup import write_warmup_requests
 
 
+MEMBER_CONFIDENCES = "member_confidences"  # an ensemble's serving_default output: [N, members]
+MEMBER_CONFIDENCES_CARD = "DT_FLOAT [-1, M] each member's top calibrated probability, in the card's member order"
+
+
 class LiteServable(SignatureModule):
     """The frozen bottom, the frozen bridges, one fine-tuned top per ensemble member, and the heads: one
     run keeps a linear head per signature; an ensemble keeps each member's global head, answers a brand
@@ -113,9 +118,15 @@ class LiteServable(SignatureModule):
             if name in self._plain.restrict:
                 mean = tf.gather(mean, self._plain.restrict[name], axis=1)
                 mean /= tf.maximum(tf.reduce_sum(mean, axis=1, keepdims=True), 1e-30)
-            return tf.nn.softmax(tf.math.log(tf.maximum(mean, 1e-30)) / self.temperatures[name])
+            answer = tf.nn.softmax(tf.math.log(tf.maximum(mean, 1e-30)) / self.temperatures[name])
+            if name != "serving_default":
+                return answer
+            # Each member's own top probability: the open-set verdict reads the member that never trained on
+            # val, whose confidence val can calibrate (router_service/open_set.py).
+            return answer, {MEMBER_CONFIDENCES: tf.stack([tf.reduce_max(m, axis=1) for m in members], axis=1)}
 
-        return signature_outputs(image_bytes, self._plain.labels[name], classify)
+        extra = {MEMBER_CONFIDENCES: len(self.tops)} if name == "serving_default" and len(self.tops) > 1 else None
+        return signature_outputs(image_bytes, self._plain.labels[name], classify, extra)
 
 
 def export_savedmodel(bottom: keras.Model, tops: list[keras.Model], heads: list[dict], size: int,
@@ -318,7 +329,9 @@ def main(argv: list[str] | None = None) -> None:
                                 if name == "serving_default" else
                                 "softmax(log(the members' mean global probabilities restricted to the brand's "
                                 "classes, renormalised) / T)"),
-                            "labels": "DT_STRING [-1, C] '<make>|<model>|<year>'"},
+                            "labels": "DT_STRING [-1, C] '<make>|<model>|<year>'"}
+                           | ({MEMBER_CONFIDENCES: MEMBER_CONFIDENCES_CARD} if is_ensemble and name == "serving_default"
+                              else {}),
                 "labels_asset": labels_asset_name(name),
                 "num_classes": len(h["labels"]),
                 "classes": h["report"]["classes"],
