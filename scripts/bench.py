@@ -17,7 +17,11 @@ Starts a model server, a logo service and one router per logo policy
   (`ROUTER_OPEN_SET_FILE=none`: what the verdict costs, issue 22);
 
 each at 1 and at 8 clients at a time, and prints requests/s, p50 and p95 with
-the ratios to `skip_logo` and to `skip_localization`. Writes the JSON report.
+the ratios to `skip_logo` and to `skip_localization`. Then the default router
+against a second model server that serves the default model's previous version
+(what the stack served before), in turns at 1, 2, 4 and 8 clients: the new
+default against the old, drawn as throughput against clients in a PNG beside
+the JSON report (issue 25).
 """
 from __future__ import annotations
 
@@ -37,14 +41,29 @@ from carrecog.v1 import recognition_service_pb2_grpc as pb_grpc
 from router_service.settings import DEFAULT_GLOBAL_MODEL
 from harness.stack import ROOT, SERVING_MODELS, start_logo_service, start_model_server, start_router
 from dataset.split import load_split
+from scripts.bench_plot import clients_png
 
 POLICIES = ("always", "uncertain")
+CLIENT_LEVELS = (1, 2, 4, 8)  # the new and the previous default, side by side
 
 
 def default_versions() -> list[Path]:
     """The default model's version folders, newest last: the served one and the ones it replaced."""
     return sorted((p for p in (SERVING_MODELS / DEFAULT_GLOBAL_MODEL).iterdir() if p.name.isdigit()),
                   key=lambda p: int(p.name))
+
+
+def previous_default_models(out_dir: Path) -> Path:
+    """serving_models as symlinks, the default model without its newest version: what the stack served
+    before it (TF Serving and the model server serve a model's highest version)."""
+    root = out_dir / "previous_models"
+    (root / DEFAULT_GLOBAL_MODEL).mkdir(parents=True)
+    for entry in SERVING_MODELS.iterdir():
+        if entry.name != DEFAULT_GLOBAL_MODEL:
+            (root / entry.name).symlink_to(entry.resolve())
+    for version in default_versions()[:-1]:
+        (root / DEFAULT_GLOBAL_MODEL / version.name).symlink_to(version.resolve())
+    return root
 
 
 def test_photos(limit: int = 96) -> list[bytes]:
@@ -176,6 +195,12 @@ def run(requests: int, log_dir: Path) -> dict:
         routers["no_verdict"] = start_router(models.address, logo.address, log_dir / "no_verdict",
                                              env={"ROUTER_LOGO_POLICY": "uncertain", "ROUTER_OPEN_SET_FILE": "none"})
         services.append(routers["no_verdict"])
+        # The same default router against the previous default version (issue 25: old and new side by side).
+        previous_models = start_model_server(log_dir / "previous", models=previous_default_models(log_dir))
+        services.append(previous_models)
+        routers["previous"] = start_router(previous_models.address, logo.address, log_dir / "previous_router",
+                                           env={"ROUTER_LOGO_POLICY": "uncertain"})
+        services.append(routers["previous"])
         for service in services:
             service.wait_healthy()
         report = {"saved_model_alone": saved_model_alone(photos, requests, default_versions()[-2:]), "router": {}}
@@ -196,10 +221,25 @@ def run(requests: int, log_dir: Path) -> dict:
                 row["throughput_vs_skip_localization"] = round(row["per_second"] / whole["per_second"], 2)
                 row["p50_vs_skip_localization"] = round(row["ms_p50"] / whole["ms_p50"], 2)
             report["router"][f"{clients} client{'s' if clients > 1 else ''}"] = rows
+        report["new_vs_previous_default"] = new_vs_previous(routers["uncertain"].address, routers["previous"].address,
+                                                            photos, requests)
         return report
     finally:
         for service in reversed(services):
             service.stop()
+
+
+def new_vs_previous(new: str, previous: str, photos: list[bytes], requests: int) -> dict:
+    """The default router on the served default and on the previous version, in turns at each client level."""
+    versions = [int(v.name) for v in default_versions()[-2:]]
+    levels = {}
+    for clients in CLIENT_LEVELS:
+        n = requests * max(1, clients // 4 + 1)
+        previous_row, new_row = load(previous, photos, n, clients), load(new, photos, n, clients)
+        levels[str(clients)] = {"previous": previous_row, "new": new_row,
+                                "throughput_new_vs_previous": round(new_row["per_second"] / previous_row["per_second"], 2),
+                                "p50_new_vs_previous": round(new_row["ms_p50"] / previous_row["ms_p50"], 2)}
+    return {"previous_version": versions[0], "new_version": versions[-1], "policy": "uncertain", "clients": levels}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -226,7 +266,16 @@ def main(argv: list[str] | None = None) -> int:
                   f"{row['ms_p95']:7.1f} {row['throughput_vs_skip_logo']:18.2f} {row['p50_vs_skip_logo']:16.2f} "
                   f"{row['throughput_vs_skip_localization']:14.2f} {row['p50_vs_skip_localization']:12.2f} "
                   f"{row['failures']:8d}")
-    print(f"wrote {args.out}", file=sys.stderr)
+    compared = report["new_vs_previous_default"]
+    print(f"default router, {DEFAULT_GLOBAL_MODEL} v{compared['new_version']} against v{compared['previous_version']} "
+          "(the same router, its own model server):")
+    for clients, row in compared["clients"].items():
+        print(f"  {clients} clients: {row['new']['per_second']:.1f} against {row['previous']['per_second']:.1f} req/s "
+              f"({row['throughput_new_vs_previous']:.2f}x), p50 {row['new']['ms_p50']:.1f} against "
+              f"{row['previous']['ms_p50']:.1f} ms ({row['p50_new_vs_previous']:.2f}x)")
+    plot = args.out.with_name(args.out.stem + "_clients.png")
+    clients_png(compared, plot)
+    print(f"wrote {args.out} and {plot}", file=sys.stderr)
     return 0
 
 

@@ -1,6 +1,6 @@
 """Export an EfficientNet-Lite ensemble as a cascade: the second member runs only where the first is unsure.
 
-    python -m training.export_cascade --source serving_models/efficientnet_lite0/8 --version 10
+    python -m training.export_cascade --source serving_models/efficientnet_lite0/12 --version 13
 
 An ensemble (training.export_lite) runs every member on every photo. Most photos
 do not need the second opinion: when the first member's top probability is at
@@ -9,14 +9,17 @@ probabilities; below it, the photo also goes through the second member and is
 answered exactly as the ensemble answers (softmax(log(mean) / T)). The second
 member runs on the unsure rows of the batch only (tf.gather / scatter in-graph),
 so a batch costs the shared bottom, the first member and a fraction of the
-second.
+second. serving_default also returns `member_confidences` as the ensemble does
+(the open-set verdict reads the first member's), with -1 for a member a row did
+not need.
 
 The threshold is the LOWEST at which the cascade's top-1 equals the ensemble's
 on at least --agreement (99 %) of the val photos, so it skips as much as that
 allows. The first member must be one trained on train only (val is honest for it);
 v8's second member learnt val, so the ensemble's val answers lean on it and the
-val agreement is, if anything, pessimistic. Brand signatures are the cascade's
-global answer restricted to the brand's classes (as the ensemble's are).
+val agreement is, if anything, pessimistic. Brand signatures answer exactly as the
+source's, from every member (brand-trained heads included): they run only when a
+logo matched or a caller forced them.
 
 The weights come from the source SavedModel itself (training.lite_savedmodel), so
 no training run is needed. Writes <base>/<name>/<version> with a model card:
@@ -41,7 +44,7 @@ import tensorflow as tf
 from common.model_card import read_card, write_card
 from training import data
 from training.export import dir_bytes, predict_files, signature_outputs, topk_metrics
-from training.export_lite import LiteServable, photos_of
+from training.export_lite import MEMBER_CONFIDENCES, LiteServable, photos_of
 from training.lite_savedmodel import Ensemble, load_ensemble
 from training.metrics import expected_calibration_error
 from dataset.split import load_split
@@ -49,16 +52,25 @@ from training.runinfo import machine
 from training.warmup import write_warmup_requests
 
 
+NOT_RUN = -1.0  # member_confidences of a member the cascade did not run on that row
+
+
 class CascadeServable(LiteServable):
-    """LiteServable's parts and signatures; `_serve` runs the second member on the unsure rows only."""
+    """LiteServable's parts and signatures. serving_default runs the other members on the unsure rows only;
+    the brand signatures answer exactly as the source ensemble's (every member, brand-trained heads kept)."""
 
     def __init__(self, ensemble: Ensemble, first: int, threshold: float, assets_dir: Path):
         order = [first] + [i for i in range(len(ensemble.tops)) if i != first]
-        heads = [{name: {"labels": labels, **({"kernel": ensemble.kernels[i], "bias": ensemble.biases[i]}
-                                              if name == "serving_default" else {})}
-                  for name, labels in ensemble.labels.items()} for i in order]
+        heads = []
+        for i in order:
+            member = {name: {"labels": labels} for name, labels in ensemble.labels.items()}
+            member["serving_default"] |= {"kernel": ensemble.kernels[i], "bias": ensemble.biases[i]}
+            for name, (kernels, biases) in ensemble.own_heads.items():
+                member[name] |= {"kernel": kernels[i], "bias": biases[i]}
+            heads.append(member)
         super().__init__(ensemble.bottom, [ensemble.tops[i] for i in order], heads, ensemble.size, assets_dir,
-                         ensemble.temperatures, ensemble.bridges, [ensemble.cuts[i] for i in order])
+                         ensemble.temperatures, ensemble.bridges, [ensemble.cuts[i] for i in order],
+                         frozenset(ensemble.own_heads))
         self.threshold = tf.Variable(threshold, trainable=False, dtype=tf.float32, name="cascade_threshold")
 
     def _member(self, i: int, activations: tf.Tensor) -> tf.Tensor:
@@ -68,22 +80,18 @@ class CascadeServable(LiteServable):
         return tf.nn.softmax(self.tops[i](x, training=False) @ head[0] + head[1])
 
     def _serve(self, name: str, image_bytes: tf.Tensor) -> dict[str, tf.Tensor]:
-        columns = self._plain.restrict.get(name)
-        temperature = self.temperatures[name]
+        if name != "serving_default":  # rare (a matched logo, force_model): the whole ensemble, as the source
+            return super()._serve(name, image_bytes)
+        temperature, others = self.temperatures[name], len(self.tops) - 1
 
-        def answer(probs: tf.Tensor, tempered: bool) -> tf.Tensor:
-            if columns is not None:
-                probs = tf.gather(probs, columns, axis=1)
-                probs /= tf.maximum(tf.reduce_sum(probs, axis=1, keepdims=True), 1e-30)
-            return tf.nn.softmax(tf.math.log(tf.maximum(probs, 1e-30)) / temperature) if tempered else probs
-
-        def classify() -> tf.Tensor:
+        def classify() -> tuple[tf.Tensor, dict[str, tf.Tensor]]:
             shared = self.bottom(data.preprocess_batch(image_bytes, self._plain.size), training=False)
             first = self._member(0, shared)
-            unsure = tf.where(tf.reduce_max(first, axis=1) < self.threshold)[:, 0]
+            first_top = tf.reduce_max(first, axis=1)
+            unsure = tf.where(first_top < self.threshold)[:, 0]
             c = first.shape[1]
 
-            def second_opinion() -> tf.Tensor:
+            def second_opinion() -> tuple[tf.Tensor, tf.Tensor]:
                 # pad the unsure rows to a power of two (repeating the first), so the other members see at
                 # most 6 batch sizes up to 32: each new shape costs oneDNN a slow first call
                 n = tf.size(unsure)
@@ -91,13 +99,21 @@ class CascadeServable(LiteServable):
                                  tf.int32)
                 padded = tf.concat([unsure, tf.fill([bucket - n], unsure[0])], axis=0)
                 rest = tf.gather(shared, padded)
-                members = [tf.gather(first, unsure)] + [self._member(i, rest)[:n] for i in range(1, len(self.tops))]
-                return tf.add_n(members) / len(members)
+                members = [self._member(i, rest)[:n] for i in range(1, len(self.tops))]
+                mean = tf.add_n([tf.gather(first, unsure)] + members) / len(self.tops)
+                return mean, tf.stack([tf.reduce_max(m, axis=1) for m in members], axis=1)
 
-            mean = tf.cond(tf.size(unsure) > 0, second_opinion, lambda: tf.zeros([0, c], tf.float32))
-            return tf.tensor_scatter_nd_update(answer(first, False), unsure[:, tf.newaxis], answer(mean, True))
+            mean, other_tops = tf.cond(tf.size(unsure) > 0, second_opinion,
+                                       lambda: (tf.zeros([0, c], tf.float32), tf.zeros([0, others], tf.float32)))
+            tempered = tf.nn.softmax(tf.math.log(tf.maximum(mean, 1e-30)) / temperature)
+            answer = tf.tensor_scatter_nd_update(first, unsure[:, tf.newaxis], tempered)
+            # each member's top probability; NOT_RUN for a member the row did not need
+            not_run = tf.fill([tf.shape(first)[0], others], NOT_RUN)
+            confidences = tf.concat([first_top[:, tf.newaxis],
+                                     tf.tensor_scatter_nd_update(not_run, unsure[:, tf.newaxis], other_tops)], axis=1)
+            return answer, {MEMBER_CONFIDENCES: confidences}
 
-        return signature_outputs(image_bytes, self._plain.labels[name], classify)
+        return signature_outputs(image_bytes, self._plain.labels[name], classify, {MEMBER_CONFIDENCES: len(self.tops)})
 
 
 def member_outputs(ensemble: Ensemble, photos: list, batch: int = 32) -> tuple[list[np.ndarray], np.ndarray]:
@@ -189,6 +205,9 @@ def main(argv: list[str] | None = None) -> None:
         "the batch also run the other member and are answered as the ensemble answers"))
     for signature, sig in card["signatures"].items():
         sig["metrics"]["savedmodel"] = metrics[signature]
+    card["signatures"]["serving_default"]["outputs"][MEMBER_CONFIDENCES] = (
+        f"DT_FLOAT [-1, M] each member's top calibrated probability, member {args.first} first; {NOT_RUN:g} for a "
+        "member the cascade did not run on that row")
     card["cascade"] = {"source": str(args.source), "first_member": args.first, "threshold": threshold,
                        "how": f"the lowest threshold with top-1 agreement >= {args.agreement} with the source "
                               "ensemble on val (training.export_cascade)", **stats}

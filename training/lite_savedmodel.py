@@ -37,6 +37,7 @@ class Ensemble:
     tops: list[keras.Model]          # per member: its blocks, head conv, pooling -> [N, 1280]
     kernels: list[np.ndarray]        # per member: the global head [1280, C] (calibrated)
     biases: list[np.ndarray]
+    own_heads: dict[str, tuple[list[np.ndarray], list[np.ndarray]]]  # brand signature -> its members' own heads
     temperatures: dict[str, float]   # per signature
     labels: dict[str, list[str]]     # per signature
 
@@ -82,10 +83,14 @@ def load_ensemble(export_dir: Path) -> Ensemble:
 
     labels = {name: (export_dir / "assets" / sig["labels_asset"]).read_text().splitlines()
               for name, sig in card["signatures"].items()}
+    own = [name for name in labels if name != "serving_default"  # brand signatures trained on their photos
+           and reader.has_tensor(f"kernels/0/{name}/.ATTRIBUTES/VARIABLE_VALUE")]
     return Ensemble(
         variant=variant, size=size, cuts=cuts, bottom=bottom, bridges=bridges, tops=tops,
         kernels=[value(f"kernels/{i}/serving_default") for i in range(len(cuts))],
         biases=[value(f"biases/{i}/serving_default") for i in range(len(cuts))],
+        own_heads={name: ([value(f"kernels/{i}/{name}") for i in range(len(cuts))],
+                          [value(f"biases/{i}/{name}") for i in range(len(cuts))]) for name in own},
         temperatures={name: float(value(f"temperatures/{name}")) for name in labels}, labels=labels)
 
 
