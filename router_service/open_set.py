@@ -33,15 +33,18 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from carrecog.v1 import recognition_service_pb2 as pb
-from router_service.tf_serving import Prediction
+
+if TYPE_CHECKING:  # settings imports this module before logs are JSON lines: no TensorFlow at import time
+    from router_service.tf_serving import Prediction
 
 
 @dataclass(frozen=True)
 class OpenSetPolicy:
     not_a_car_threshold: float   # VERDICT_NOT_A_CAR when 1 - car evidence >= this
-    unknown_threshold: float     # VERDICT_UNKNOWN_* when 1 - confidence >= this
+    unknown_threshold: float     # VERDICT_UNKNOWN_* when 1 - unknown_confidence(...) >= this
     known_make_threshold: float  # ... and VERDICT_UNKNOWN_MODEL when make_confidence >= this
     source: str                  # the file and how it was fitted, for ListModels and the start-up log
     score_member: int | None = None  # the unknown score reads this ensemble member's confidence (None: the answer's)

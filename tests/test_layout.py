@@ -104,3 +104,14 @@ def test_each_service_image_installs_what_its_code_imports_at_the_projects_pins(
         assert not unknown, f"add {unknown} to DISTRIBUTION and to {service}/requirements.txt"
         assert {DISTRIBUTION[name] for name in third_party} <= set(own), service
     assert "tensorflow" not in pins(ROOT / "logo_service" / "requirements.txt")
+
+
+def test_service_settings_load_without_tensorflow():
+    """Each service reads its settings before its logs become JSON lines (common.logs): TensorFlow's
+    native start-up lines must come after that, so the settings modules never import it."""
+    import subprocess
+    import sys
+
+    for settings in ("router_service.settings", "logo_service.settings"):
+        check = f"import sys, {settings}; sys.exit('tensorflow' in sys.modules)"
+        assert subprocess.run([sys.executable, "-c", check], cwd=ROOT).returncode == 0, settings
