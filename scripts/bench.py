@@ -196,11 +196,12 @@ def run(requests: int, log_dir: Path) -> dict:
                                              env={"ROUTER_LOGO_POLICY": "uncertain", "ROUTER_OPEN_SET_FILE": "none"})
         services.append(routers["no_verdict"])
         # The same default router against the previous default version (issue 25: old and new side by side).
-        previous_models = start_model_server(log_dir / "previous", models=previous_default_models(log_dir))
-        services.append(previous_models)
-        routers["previous"] = start_router(previous_models.address, logo.address, log_dir / "previous_router",
-                                           env={"ROUTER_LOGO_POLICY": "uncertain"})
-        services.append(routers["previous"])
+        if len(default_versions()) > 1:
+            previous_models = start_model_server(log_dir / "previous", models=previous_default_models(log_dir))
+            services.append(previous_models)
+            routers["previous"] = start_router(previous_models.address, logo.address, log_dir / "previous_router",
+                                               env={"ROUTER_LOGO_POLICY": "uncertain"})
+            services.append(routers["previous"])
         for service in services:
             service.wait_healthy()
         report = {"saved_model_alone": saved_model_alone(photos, requests, default_versions()[-2:]), "router": {}}
@@ -221,8 +222,9 @@ def run(requests: int, log_dir: Path) -> dict:
                 row["throughput_vs_skip_localization"] = round(row["per_second"] / whole["per_second"], 2)
                 row["p50_vs_skip_localization"] = round(row["ms_p50"] / whole["ms_p50"], 2)
             report["router"][f"{clients} client{'s' if clients > 1 else ''}"] = rows
-        report["new_vs_previous_default"] = new_vs_previous(routers["uncertain"].address, routers["previous"].address,
-                                                            photos, requests)
+        if "previous" in routers:
+            report["new_vs_previous_default"] = new_vs_previous(routers["uncertain"].address,
+                                                                routers["previous"].address, photos, requests)
         return report
     finally:
         for service in reversed(services):
@@ -266,7 +268,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"{row['ms_p95']:7.1f} {row['throughput_vs_skip_logo']:18.2f} {row['p50_vs_skip_logo']:16.2f} "
                   f"{row['throughput_vs_skip_localization']:14.2f} {row['p50_vs_skip_localization']:12.2f} "
                   f"{row['failures']:8d}")
-    compared = report["new_vs_previous_default"]
+    compared = report.get("new_vs_previous_default")
+    if compared is None:
+        print(f"wrote {args.out} ({DEFAULT_GLOBAL_MODEL} has one version: no previous default to compare)",
+              file=sys.stderr)
+        return 0
     print(f"default router, {DEFAULT_GLOBAL_MODEL} v{compared['new_version']} against v{compared['previous_version']} "
           "(the same router, its own model server):")
     for clients, row in compared["clients"].items():

@@ -19,8 +19,8 @@ from common.model_card import write_card
 from common.plugins import DEFAULT_PLUGINS_DIR, load_plugins
 from training import data
 from training.efficientnet_lite import build_parts, block_list
-from training.export_lite import (MEMBER_CONFIDENCES, bridge, choose_temperatures, copy_weights_by_name,
-                                  export_savedmodel)
+from router_service.tf_serving import MEMBER_CONFIDENCES
+from training.export_lite import bridge, choose_temperatures, copy_weights_by_name, export_savedmodel
 from dataset.split import data_dir, load_split, split_hash
 
 SIZE = 64

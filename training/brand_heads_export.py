@@ -31,7 +31,8 @@ from pathlib import Path
 from common.model_card import write_card
 from training.brand_heads import DECISION_RULE, SERVED, measure, rebuild
 from training.export import dir_bytes
-from training.export_lite import MEMBER_CONFIDENCES, MEMBER_CONFIDENCES_CARD, export_savedmodel
+from router_service.tf_serving import MEMBER_CONFIDENCES
+from training.export_lite import MEMBER_CONFIDENCES_CARD, export_savedmodel
 from training.export_lite import measure as measure_from_bytes
 from dataset.split import load_split
 from training.runinfo import machine

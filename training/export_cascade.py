@@ -44,7 +44,8 @@ import tensorflow as tf
 from common.model_card import read_card, write_card
 from training import data
 from training.export import dir_bytes, predict_files, signature_outputs, topk_metrics
-from training.export_lite import MEMBER_CONFIDENCES, LiteServable, photos_of
+from router_service.tf_serving import MEMBER_CONFIDENCES
+from training.export_lite import LiteServable, photos_of
 from training.lite_savedmodel import Ensemble, load_ensemble
 from training.metrics import expected_calibration_error
 from dataset.split import load_split

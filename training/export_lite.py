@@ -57,6 +57,7 @@ import numpy as np
 import tensorflow as tf
 
 from common.model_card import read_card, write_card
+from router_service.tf_serving import MEMBER_CONFIDENCES  # the output name the router reads
 from training import data
 from training.efficientnet_lite import build_parts, build_span, load_imagenet_weights
 from training.export import (SignatureModule, dir_bytes, labels_asset_name, predict_files, signature_outputs,
@@ -67,7 +68,6 @@ from training.runinfo import machine
 from training.warmup import write_warmup_requests
 
 
-MEMBER_CONFIDENCES = "member_confidences"  # an ensemble's serving_default output: [N, members]
 MEMBER_CONFIDENCES_CARD = "DT_FLOAT [-1, M] each member's top calibrated probability, in the card's member order"
 
 
